@@ -1,0 +1,217 @@
+"""GPU memory and step time of fine-tuning methods on randomly initialized T5 shapes (paper Table 1
+columns): full fine-tuning, LoRA (r=32 on q, v), prompt tuning (100 tokens), LST in the loop, and
+LST from the cache (ours: the side net alone, its ladder states copied host->device each step as a
+reader would deliver them). Also times stage one's work per batch (backbone forward + copying the
+kept states to host) to size the sweep: one stage one + k stage twos against k in-loop runs.
+
+Weights are random: values change neither memory nor time. T5 has no biases, so BitFit is not run.
+
+    python -m bench.gpu_t5 --models t5-base,t5-large,t5-3b --dtypes bf16,fp32 --out bench/results/gpu_t5.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.side import LadderBatch, SideNetwork, spec_from_config  # noqa: E402
+
+SHAPES = {  # d_model, d_ff, d_kv, heads, layers; paper's kept side layers (supplement Table 2)
+    "t5-base": (768, 3072, 64, 12, 12, [1, 2, 3, 5, 6, 7, 9, 10, 11]),
+    "t5-large": (1024, 4096, 64, 16, 24, list(range(1, 24, 2))),
+    "t5-3b": (1024, 16384, 128, 32, 24, [23]),
+}
+CAND = 2  # binary task: candidates for rank classification; training uses the gold one
+
+
+def t5_config(name):
+    from transformers import T5Config
+
+    d, ff, kv, h, n, _ = SHAPES[name]
+    return T5Config(vocab_size=32128, d_model=d, d_ff=ff, d_kv=kv, num_heads=h, num_layers=n, dropout_rate=0.1,
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def make_model(name, dtype):
+    from transformers import T5ForConditionalGeneration
+
+    with torch.device("cuda"):
+        m = T5ForConditionalGeneration(t5_config(name))
+    return m.to(dtype)
+
+
+def batch_tensors(B, S, U, vocab=32128):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (B, S), generator=g)
+    labels = torch.randint(2, vocab, (B, U), generator=g)
+    return ids.cuda(), torch.ones(B, S, dtype=torch.bool, device="cuda"), labels.cuda()
+
+
+def timed(step, warmup, steps):
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def hf_step(model, ids, mask, labels, params, amp):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def capture(model, layers):
+    """Hooks keeping kept-layer block outputs of encoder and decoder."""
+    out, hs = {}, []
+    for stack, mod in (("src", model.encoder), ("tgt", model.decoder)):
+        for k in layers:
+            def fn(m, a, o, key=f"{stack}_{k:02d}"):
+                out[key] = o[0] if isinstance(o, tuple) else o
+            hs.append(mod.block[k].register_forward_hook(fn))
+    return out, hs
+
+
+def side_for(name, dtype):
+    d, ff, kv, h, n, layers = SHAPES[name]
+    spec = spec_from_config(t5_config(name), 8, layers, "ladder", "classification", CAND, [0] * CAND, 0.1)
+    frozen = {"embed": torch.randn(32128, d, device="cuda").to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)}
+    return SideNetwork(spec, frozen).cuda(), spec
+
+
+def lst_batch(ids, mask, labels, states):
+    B, U = labels.shape
+    dec_in = torch.zeros_like(labels)
+    dec_in[:, 1:] = labels[:, :-1]
+    return LadderBatch(ids, mask, states, None, dec_in, torch.ones_like(labels, dtype=torch.bool), labels,
+                       torch.arange(B, device=ids.device), torch.zeros(B, dtype=torch.long, device=ids.device), 0)
+
+
+def run_method(method, name, dtype, B, S, U, warmup, steps):
+    amp = dtype == torch.bfloat16
+    ids, mask, labels = batch_tensors(B, S, U)
+    tokens = B * (S + U)
+    if method in ("full_ft", "lora", "prompt_tuning"):
+        model = make_model(name, dtype)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=["q", "v"], lora_dropout=0.0))
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        elif method == "prompt_tuning":
+            from peft import PromptTuningConfig, TaskType, get_peft_model
+
+            model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=100))
+            tokens = B * (S + 100 + U)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = hf_step(model, ids, mask, labels, params, amp and method != "full_ft")
+        trainable = sum(p.numel() for p in params)
+    elif method in ("lst_inloop", "lst_cache", "stage_one_forward"):
+        layers = SHAPES[name][5]
+        side, spec = side_for(name, dtype)
+        side.train()
+        trainable = side.trainable_parameters()
+        params = [p for p in side.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=3e-3)
+        if method in ("lst_inloop", "stage_one_forward"):
+            model = make_model(name, torch.bfloat16 if amp else torch.float32).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            out, _ = capture(model, layers)
+        if method == "lst_cache":
+            # the reader's output: kept states for this batch in pinned host memory (bf16 as stored)
+            host = {f"src_{k:02d}": torch.randn(B, S, spec.d_model, dtype=torch.bfloat16).pin_memory() for k in layers}
+            host.update({f"tgt_{k:02d}": torch.randn(B, U, spec.d_model, dtype=torch.bfloat16).pin_memory() for k in layers})
+        dec_in = torch.zeros_like(labels)
+
+        def backbone_states():
+            with torch.no_grad():
+                enc = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                model.decoder(input_ids=dec_in, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False)
+            return dict(out)
+
+        if method == "stage_one_forward":
+            trainable = 0
+
+            def step():
+                st = backbone_states()
+                for v in st.values():
+                    v.to("cpu", non_blocking=True)
+        else:
+            def step():
+                st = backbone_states() if method == "lst_inloop" else {k: v.to("cuda", non_blocking=True) for k, v in host.items()}
+                with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                    loss = side(lst_batch(ids, mask, labels, st)).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    t = timed(step, warmup, steps)
+    return {"step_time_s": t, "tokens_per_s": tokens / t, "trainable_params": trainable}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="t5-base,t5-large,t5-3b")
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--methods", default="full_ft,lora,prompt_tuning,lst_inloop,lst_cache,stage_one_forward")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--src-len", type=int, default=128)
+    ap.add_argument("--tgt-len", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default="bench/results/gpu_t5.json")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as PyTorch users on Hopper do
+    import transformers
+
+    res = {"command": " ".join(["python -m bench.gpu_t5"] + sys.argv[1:]),
+           "device": torch.cuda.get_device_name(0), "machine": platform.node(),
+           "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__},
+           "config": vars(a), "notes": "BitFit not run: T5 has no bias terms. Weights random (shapes only).",
+           "results": []}
+    for name in a.models.split(","):
+        for dt in a.dtypes.split(","):
+            dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+            for method in a.methods.split(","):
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                row = {"model": name, "dtype": dt, "method": method}
+                try:
+                    steps = a.steps if name != "t5-3b" else max(5, a.steps // 2)
+                    row.update(run_method(method, name, dtype, a.batch, a.src_len, a.tgt_len, a.warmup, steps))
+                    row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                except torch.OutOfMemoryError:
+                    row.update({"oom": True, "peak_memory_gb": None})
+                gc.collect()
+                torch.cuda.empty_cache()
+                res["results"].append(row)
+                print(json.dumps(row), flush=True)
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Stage one: run the frozen backbone once over each split and write its ladder store."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import ladder_store as ls
+from pipeline.backbone import Backbone, decoder_inputs, encode, forward_states, load_backbone, pad, state_names_for
+from pipeline.config import CacheConfig
+from pipeline.errors import StoreError
+from pipeline.layout import TGT
+from pipeline.tasks import Task, content_hash, get_task
+
+
+def resolve_dtype(cfg: CacheConfig, bb: Backbone) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    # T5 activations overflow fp16 in several checkpoints (DESIGN.md): bf16 keeps fp32's range.
+    return "bf16" if bb.dtype == torch.bfloat16 or bb.family == "t5" else "fp16"
+
+
+def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, dtype: str) -> dict:
+    import numcodecs
+    import transformers
+
+    return {
+        "format_version": ls.FORMAT_VERSION, "backbone": bb.name, "backbone_sha256": bb.sha256,
+        "tokenizer": bb.tokenizer_id, "max_length": int(cfg.max_length), "task": task.name, "split": split,
+        "content_hash": content_hash(examples), "layers": cfg.layers if cfg.layers == "all" else
+        ",".join(map(str, cfg.layer_list)), "dtype": dtype, "codec": cfg.codec, "limit": int(cfg.limit),
+        "seed": int(cfg.seed), "family": bb.family, "n_layers": bb.n_layers, "d_model": _width(bb),
+        "task_kind": task.kind, "num_labels": task.num_labels, "regression_bins": task.regression_bins,
+        "decoder_start_token_id": int(getattr(bb.config, "decoder_start_token_id", 0) or 0),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "zarr": ls.zarr.__version__, "numcodecs": numcodecs.__version__},
+    }
+
+
+def _width(bb: Backbone) -> int:
+    return int(getattr(bb.config, "d_model", None) or bb.config.hidden_size)
+
+
+def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print) -> Path:
+    enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
+    names = state_names_for(bb, cfg.layer_list)
+    dtype = resolve_dtype(cfg, bb)
+    n = len(examples)
+    lengths = np.array([len(s) for s in enc.src_ids])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    K = int(sum(len(c) for c in enc.cand_ids)) if bb.family == "t5" else 0
+    d = _width(bb)
+    arrays = [ls.ArraySpec(nm, int(n * K) if nm.startswith(TGT) else int(offsets[-1]), d,
+                           np.arange(n + 1) * K if nm.startswith(TGT) else offsets) for nm in names]
+    fp = fingerprint(cfg, bb, task, split, examples, dtype)
+    path = Path(cfg.out) / f"{split}.zarr"
+    writer = ls.StoreWriter(path, fp, offsets, np.concatenate(enc.src_ids), enc.labels, arrays,
+                            enc.cand_ids if bb.family == "t5" else [], dtype=dtype, codec=cfg.codec,
+                            chunk_tokens=cfg.chunk_tokens, shard_tokens=cfg.shard_tokens)
+    raw = sum(a.rows for a in arrays) * d * ls.bytes_per_value(dtype, cfg.codec)
+    padded = n * cfg.max_length * d * len([a for a in arrays if not a.name.startswith(TGT)]) * 2
+    log(f"[{split}] {n} examples, {int(offsets[-1])} tokens (mean {lengths.mean():.1f}), {len(names)} states x {d}: "
+        f"about {raw / 2**20:.0f} MiB before compression ({dtype}/{cfg.codec}); padding to max_length in fp16 "
+        f"would take {padded / 2**20:.0f} MiB")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cfg.out).free
+    if free < raw * 1.1:
+        raise StoreError(f"{cfg.out}: {free / 2**20:.0f} MiB free, the store needs about {raw / 2**20:.0f} MiB; "
+                         "free space or pick another --out")
+    first = writer.open(resume=cfg.resume, overwrite=cfg.overwrite)
+    if first >= n:
+        log(f"[{split}] {path} is complete for this config; nothing to do")
+        return path
+    if first:
+        log(f"[{split}] resuming at example {first} of {n}")
+    writer.begin(first)
+    cand = decoder_inputs(enc.cand_ids, fp["decoder_start_token_id"]) if bb.family == "t5" else None
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=n - first, desc=f"cache {split}", unit="ex", file=sys.stderr, disable=None)
+    for b in range(first, n, cfg.batch_size):
+        idx = range(b, min(b + cfg.batch_size, n))
+        ids, mask = pad([enc.src_ids[i] for i in idx])
+        states = forward_states(bb, ids, mask, names, cand)
+        lens = lengths[list(idx)]
+        for name in names:
+            h = states[name]
+            if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
+                C = len(enc.cand_ids)
+                h = h.view(len(idx), C, h.shape[1], d)
+                rows = torch.cat([h[j, c, : len(enc.cand_ids[c])] for j in range(len(idx)) for c in range(C)])
+            else:
+                rows = torch.cat([h[j, : lens[j]] for j in range(len(idx))])  # ragged: padding dropped here
+            writer.append(name, rows.float())
+        tokens += int(lens.sum())
+        bar.update(len(idx))
+        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    writer.finish()
+    log(f"[{split}] wrote {path}: {ls.LadderStore(path).nbytes_on_disk() / 2**20:.1f} MiB on disk, "
+        f"{tokens / (time.perf_counter() - t0):.0f} tokens/s")
+    return path
+
+
+def run(cfg: CacheConfig, log=print) -> list[Path]:
+    task = get_task(cfg.task)
+    data = task.load(cfg.data_dir, cfg.seed)
+    missing = [s for s in cfg.splits if s not in data]
+    if missing:
+        raise StoreError(f"splits: {missing} not in task {task.name} (has {', '.join(data)})")
+    bb = load_backbone(cfg.backbone, cfg.device)
+    paths = []
+    for split in cfg.splits:
+        examples = data[split][: cfg.limit] if cfg.limit else data[split]
+        paths.append(cache_split(cfg, bb, task, split, examples, log))
+    return paths

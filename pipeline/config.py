@@ -1,0 +1,255 @@
+"""Typed stage configs. One source of truth: a params.yaml section per stage, CLI flags override.
+
+Each field's `help` is also its `--help` text (see `click_options`), so the flag, the YAML key and
+the dataclass field are the same name (dashes on the command line).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+CODECS = ("zstd", "none", "blosc", "int8", "bitround")
+INITS = ("fisher", "magnitude", "random")
+FEEDS = ("cache", "backbone")
+VARIANTS = ("ladder", "no_ladder", "late_fusion", "adapter", "cross_attention")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def parse_layers(value) -> tuple[int, ...] | None:
+    """'all' or None -> None (every layer); '1,2,3' / [1,2,3] -> (1, 2, 3)."""
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ConfigError(f"layers: {value!r} is not 'all' or a comma-separated list of layer indices")
+    layers = tuple(sorted({int(v) for v in value}))
+    if not layers:
+        raise ConfigError("layers: the list is empty; give 'all' or at least one layer index")
+    return layers
+
+
+def _check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class CacheConfig:
+    """Stage one: run the frozen backbone once and write the ladder store."""
+
+    backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
+    task: str = _f("rt-sentiment", "Task name (see `python -m stages.tasks`), or csv:/json:/parquet: path spec.")
+    splits: list = _f(["train", "validation", "test"], "Splits to cache (repeat --splits).", multiple=True)
+    max_length: int = _f(64, "Truncate inputs to this many tokens.")
+    layers: str = _f("all", "Backbone layers to store, 0-based, e.g. '1,2,3,5' (same list for encoder and decoder), or 'all'.")
+    dtype: str = _f("auto", "Stored dtype: auto (bf16 if the backbone ran in bf16, else fp16), fp32, fp16, bf16.")
+    codec: str = _f("zstd", "zstd|blosc|none (lossless) or int8|bitround (lossy, opt-in).")
+    batch_size: int = _f(64, "Examples per backbone forward pass.")
+    limit: int = _f(0, "Cache only the first N examples of each split (0 = all).")
+    out: str = _f("data/cache", "Output folder; one <split>.zarr store per split.")
+    data_dir: str = _f("data/raw", "Where offline datasets are fetched and converted to Parquet.")
+    resume: bool = _f(True, "Resume an interrupted store made from the same config.")
+    overwrite: bool = _f(False, "Replace an existing store made from a different config.")
+    device: str = _f("auto", "auto|cpu|cuda.")
+    seed: int = _f(0, "Seed of the train/validation/test split for tasks without official splits.")
+    shard_tokens: int = _f(32768, "Tokens per shard file (also the resume block).")
+    chunk_tokens: int = _f(256, "Tokens per inner chunk (the unit of a random read).")
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("codec", self.codec, CODECS)
+        _check_choice("device", self.device, DEVICES)
+        if int(self.max_length) <= 0:
+            raise ConfigError(f"max_length: must be a positive number of tokens, got {self.max_length}")
+        if int(self.batch_size) <= 0:
+            raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
+        if int(self.limit) < 0:
+            raise ConfigError(f"limit: must be >= 0 (0 = all examples), got {self.limit}")
+        if self.chunk_tokens <= 0 or self.shard_tokens % self.chunk_tokens:
+            raise ConfigError(
+                f"shard_tokens: {self.shard_tokens} must be a positive multiple of chunk_tokens ({self.chunk_tokens})"
+            )
+        if isinstance(self.splits, str):
+            self.splits = [self.splits]
+        self.splits = list(self.splits)
+        if not self.splits:
+            raise ConfigError("splits: give at least one split name")
+        parse_layers(self.layers)  # validates
+
+    @property
+    def layer_list(self) -> tuple[int, ...] | None:
+        return parse_layers(self.layers)
+
+
+@dataclass
+class PruneConfig:
+    """Side-network init from the backbone (paper sec. 3.3); Fisher needs the backbone, so it runs here."""
+
+    backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
+    task: str = _f("rt-sentiment", "Task whose training examples estimate the Fisher information.")
+    r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.")
+    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'.")
+    init: str = _f("fisher", "fisher|magnitude|random.")
+    variant: str = _f("ladder", "ladder|no_ladder|late_fusion|adapter|cross_attention (paper ablations).")
+    fisher_samples: int = _f(256, "Training examples N of the empirical Fisher.")
+    batch_size: int = _f(16, "Examples per backward pass while estimating Fisher.")
+    max_length: int = _f(64, "Truncate inputs to this many tokens.")
+    out: str = _f("data/side_init.safetensors", "Output safetensors file.")
+    data_dir: str = _f("data/raw", "Where offline datasets live.")
+    device: str = _f("auto", "auto|cpu|cuda.")
+    seed: int = _f(0, "Seed (data split and random init).")
+
+    def __post_init__(self):
+        _check_choice("init", self.init, INITS)
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("device", self.device, DEVICES)
+        if int(self.r) < 1:
+            raise ConfigError(f"r: the reduction factor must be >= 1, got {self.r}")
+        if int(self.fisher_samples) < 1:
+            raise ConfigError(f"fisher_samples: must be >= 1, got {self.fisher_samples}")
+        parse_layers(self.layers)
+
+    @property
+    def layer_list(self):
+        return parse_layers(self.layers)
+
+
+@dataclass
+class TrainConfig:
+    """Stage two: train the side network from the ladder store (or, for comparison, the live backbone)."""
+
+    task: str = _f("rt-sentiment", "Task name; must match the cache's.")
+    cache: str = _f("data/cache", "Folder with <split>.zarr stores from stage one.")
+    out: str = _f("runs/side", "Output folder: side.safetensors, side_config.json, metrics.json, plots.")
+    backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Backbone (frozen tensors the side net reuses; --feed backbone).")
+    r: int = _f(8, "Reduction factor r.")
+    init: str = _f("magnitude", "fisher|magnitude|random. fisher needs --side-init from prune_init.")
+    side_init: str = _f("", "side_init.safetensors from the prune_init stage ('' = build here).")
+    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'; must be stored in the cache.")
+    variant: str = _f("ladder", "ladder|no_ladder|late_fusion|adapter|cross_attention.")
+    epochs: int = _f(10, "Epochs (paper: 10, 20 on small sets).")
+    lr: float = _f(3e-3, "Peak learning rate (paper: 3e-3 for LST).")
+    batch_size: int = _f(100, "Examples per step (paper: 100).")
+    warmup_steps: int = _f(500, "Linear warmup steps, capped at 10% of all steps for short runs.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    grad_clip: float = _f(1.0, "Max gradient norm.")
+    dropout: float = _f(0.1, "Dropout inside the side network.")
+    seed: int = _f(0, "Seed of init, shuffling and dropout.")
+    limit: int = _f(0, "Train on the first N cached examples only (0 = all).")
+    feed: str = _f("cache", "cache (ours) or backbone (in-loop LST over the same examples).")
+    resume: bool = _f(False, "Continue from the last epoch checkpoint in --out.")
+    device: str = _f("auto", "auto|cpu|cuda.")
+    max_length: int = _f(64, "Token limit for --feed backbone (must equal the cache's).")
+    data_dir: str = _f("data/raw", "Where offline datasets live (for --feed backbone).")
+    ram_budget_mb: int = _f(4096, "Hold a split in RAM when its requested layers fit; else stream shard groups.")
+
+    def __post_init__(self):
+        _check_choice("init", self.init, INITS)
+        _check_choice("feed", self.feed, FEEDS)
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("r", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not float(self.lr) > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        parse_layers(self.layers)
+
+    @property
+    def layer_list(self):
+        return parse_layers(self.layers)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a trained side network from the cache, with the frozen-features baseline beside it."""
+
+    run: str = _f("runs/side", "Folder written by train_side.")
+    cache: str = _f("data/cache", "Folder with <split>.zarr stores.")
+    split: str = _f("test", "Split to evaluate.")
+    out: str = _f("runs/side/eval", "Output folder: metrics.json, predictions, confusion plot.")
+    batch_size: int = _f(256, "Examples per evaluation step.")
+    device: str = _f("auto", "auto|cpu|cuda.")
+
+    def __post_init__(self):
+        _check_choice("device", self.device, DEVICES)
+
+
+def load_section(params_file: str | Path | None, section: str) -> dict:
+    """The `section` mapping of a params.yaml ({} if the file or section is absent)."""
+    if not params_file:
+        return {}
+    path = Path(params_file)
+    if not path.exists():
+        return {}
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
+    sec = data.get(section) or {}
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{path}: section '{section}' must be a mapping")
+    return sec
+
+
+def build(cls, params_file=None, section: str | None = None, **overrides):
+    """cls from params.yaml[section] then non-None overrides; unknown keys are an error naming them."""
+    values = dict(load_section(params_file, section)) if section else {}
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"{section or cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
+        )
+    for f in dataclasses.fields(cls):
+        if f.name in values and f.type in ("int", "float") and values[f.name] is not None:
+            try:
+                values[f.name] = (int if f.type == "int" else float)(values[f.name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{f.name}: {values[f.name]!r} is not a number")
+    return cls(**values)
+
+
+def click_options(cls):
+    """Decorator adding one click option per dataclass field (help from the field's metadata).
+
+    Defaults are None so that params.yaml stays the source of truth unless a flag is given.
+    """
+    import click
+
+    def deco(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f"{help_} [params default: {default}]"
+            if f.type == "bool":
+                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_)(fn)
+            elif f.metadata.get("multiple"):
+                fn = click.option(flag, f.name, multiple=True, default=None, help=help_)(fn)
+            else:
+                typ = {"int": int, "float": float}.get(f.type, str)
+                fn = click.option(flag, f.name, type=typ, default=None, help=help_)(fn)
+        return fn
+
+    return deco
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

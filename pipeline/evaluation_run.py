@@ -1,0 +1,70 @@
+"""The evaluate stage: score a split from the cache, compare with the frozen-features baseline, save artifacts."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import evaluate as ev
+from pipeline.backbone import pick_device
+from pipeline.config import EvalConfig
+from pipeline.errors import StoreError
+from pipeline.ladder_store import LadderStore
+from pipeline.tasks import get_task
+from pipeline.train import load_side
+
+
+def run(cfg: EvalConfig) -> dict:
+    device = pick_device(cfg.device)
+    net, meta = load_side(cfg.run, device)
+    task = get_task(meta["task"])
+    expect = {"task": task.name, "split": cfg.split, "backbone_sha256": meta["backbone_sha256"]}
+    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=expect)
+    train_path = Path(cfg.cache) / "train.zarr"
+    if not train_path.exists():
+        raise StoreError(f"{train_path}: the baseline needs the train split's cache; run stage one for it")
+    scores = ev.score_store(net, store, cfg.batch_size, device)
+    pred = ev.predictions(scores, task.kind, task.regression_bins)
+    metrics = {f"{k}": v for k, v in ev.task_metrics(task.kind, pred, store.labels).items()}
+    metrics.update(ev.frozen_features_baseline(LadderStore(train_path, expect={"task": task.name}), store, task.kind,
+                                               meta["train"].get("limit", 0)))
+    metrics["headline_metric"] = task.metric
+    metrics["lst_minus_baseline_pt"] = 100 * (metrics[task.metric] - metrics[f"baseline_{task.metric}"])
+    metrics["examples"] = int(store.n)
+    out = Path(cfg.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    os.replace(tmp, out / "metrics.json")
+    rows = ["actual,predicted"] + [f"{a:g},{p:g}" for a, p in zip(store.labels, pred)]
+    (out / "plots" / "predictions.csv").write_text("\n".join(rows) + "\n")
+    if task.kind == "classification":
+        _confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
+    return metrics
+
+
+def _confusion_png(path: Path, y, p, names):
+    """A static PNG beside the DVC plot, for users without the CDN that `dvc plots show` HTML loads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C = len(names)
+    m = np.zeros((C, C), int)
+    for a, b in zip(y, p):
+        m[a, b] += 1
+    fig, ax = plt.subplots(figsize=(1.2 * C + 2, 1.2 * C + 1.5))
+    ax.imshow(m, cmap="Blues")
+    for i in range(C):
+        for j in range(C):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center")
+    ax.set_xticks(range(C), names, rotation=30)
+    ax.set_yticks(range(C), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Backbone + trained side network as one module on raw text (no cache)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import backbone as bbm
+from pipeline import evaluate as ev
+from pipeline.errors import ConfigError
+from pipeline.layout import SRC, TGT
+from pipeline.side import LadderBatch
+from pipeline.tasks import Example, get_task
+from pipeline.train import load_side
+
+
+class LSTModel(nn.Module):
+    """Frozen backbone feeding the side network live: what a user deploys after stage two."""
+
+    def __init__(self, run: str, device: str = "auto"):
+        super().__init__()
+        dev = bbm.pick_device(device)
+        self.side, self.meta = load_side(run, dev)
+        self.bb = bbm.load_backbone(self.meta["backbone"], device)
+        if self.bb.sha256 != self.meta["backbone_sha256"]:
+            raise ConfigError(f"backbone: {self.meta['backbone']} differs from the one {run} was trained with")
+        self.task = get_task(self.meta["task"])
+        spec = self.side.spec
+        self.names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
+        self.max_length = int(self.meta["max_length"])
+        self.device = dev
+
+    @torch.no_grad()
+    def scores(self, texts: list[tuple[str, str | None]]) -> np.ndarray:
+        exs = [Example(a, b, 0.0) for a, b in texts]
+        enc = bbm.encode(self.task, exs, self.bb.tokenizer, self.bb.family, self.max_length)
+        ids, mask = bbm.pad(enc.src_ids)
+        cand = None
+        if self.bb.family == "t5":
+            cand = bbm.decoder_inputs(enc.cand_ids, int(getattr(self.bb.config, "decoder_start_token_id", 0) or 0))
+        st = bbm.forward_states(self.bb, ids, mask, self.names, cand)
+        batch = LadderBatch(ids, mask, {n: v.float() for n, v in st.items() if n.startswith(SRC)})
+        if cand is not None:
+            dec_in, dec_labels, dec_mask = cand
+            B, C = ids.shape[0], dec_in.shape[0]
+            batch.tgt_ids, batch.tgt_labels, batch.tgt_mask = dec_in.repeat(B, 1), dec_labels.repeat(B, 1), dec_mask.repeat(B, 1)
+            batch.tgt_row = torch.arange(B).repeat_interleave(C)
+            batch.tgt_cand = torch.arange(C).repeat(B)
+            batch.n_candidates = C
+            batch.states.update({n: v.float() for n, v in st.items() if n.startswith(TGT)})
+        return self.side(batch.to(self.device)).scores.float().cpu().numpy()
+
+    def predict(self, texts, batch_size: int = 64):
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            sc = self.scores(chunk)
+            pred = ev.predictions(sc, self.task.kind, self.task.regression_bins)
+            for (a, b), p, s in zip(chunk, pred, sc):
+                row = {"text": a, "scores": [float(x) for x in s]}
+                if b is not None:
+                    row["text_pair"] = b
+                if self.task.kind == "classification":
+                    row["label"] = int(p)
+                    row["label_name"] = self.task.label_names[int(p)]
+                else:
+                    row["prediction"] = float(p)
+                yield json.dumps(row)

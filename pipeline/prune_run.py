@@ -1,0 +1,56 @@
+"""The prune_init stage: build the side network's init from the backbone and save side_init.safetensors."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import backbone as bbm
+from pipeline import prune
+from pipeline.config import PruneConfig
+from pipeline.side import spec_from_config
+from pipeline.tasks import get_task
+
+
+def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
+    enc = bbm.encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
+    out = []
+    for b in range(0, len(examples), cfg.batch_size):
+        idx = list(range(b, min(b + cfg.batch_size, len(examples))))
+        ids, mask = bbm.pad([enc.src_ids[i] for i in idx])
+        batch = {"ids": ids, "mask": mask, "labels": torch.from_numpy(enc.labels[idx])}
+        gold = [task.target_index(enc.labels[i]) for i in idx]
+        if bb.family == "t5":
+            tgt, tmask = bbm.pad([enc.cand_ids[g] for g in gold])
+            batch["tgt"] = tgt.masked_fill(~tmask, -100)
+        elif bb.family == "decoder":
+            batch["tgt"] = torch.tensor([int(enc.cand_ids[g][0]) for g in gold])
+        out.append(batch)
+    return out
+
+
+def run(cfg: PruneConfig, log=print) -> str:
+    task = get_task(cfg.task)
+    hf_cfg = bbm.load_config(cfg.backbone)
+    verb = []
+    bb = None
+    if cfg.init == "fisher" or bbm.family_of_config(hf_cfg) == "decoder":
+        bb = bbm.load_backbone(cfg.backbone, cfg.device, for_grad=cfg.init == "fisher")
+        if bb.family == "decoder":
+            verb = [int(c[0]) for c in bbm.encode(task, [], bb.tokenizer, bb.family, cfg.max_length, ).cand_ids]
+    spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, task.kind, task.num_labels, verb)
+    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.variant)
+    weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init != "random" else None
+    importance, n = None, 0
+    if cfg.init == "fisher":
+        rng = np.random.default_rng(cfg.seed)
+        train = task.load(cfg.data_dir, cfg.seed)["train"]
+        pick = rng.permutation(len(train))[: cfg.fisher_samples]
+        batches = fisher_batches(bb, task, [train[i] for i in pick], cfg)
+        log(f"empirical Fisher over {len(pick)} training examples of {task.name}")
+        importance, n = prune.fisher_importance(bb, batches, task.kind)
+        importance = {k.removeprefix("bert."): v.cpu() for k, v in importance.items()}
+    sha = bb.sha256 if bb is not None else bbm.weights_sha256(cfg.backbone)
+    net = prune.build_side(spec, frozen, cfg.init, cfg.seed, weights, importance)
+    prune.save_side_init(cfg.out, net, prune.init_fingerprint(spec, cfg.backbone, sha, cfg.init, n))
+    log(f"side init ({cfg.init}, r={cfg.r}, layers={spec.layers}): {net.trainable_parameters():,} trainable parameters")
+    return cfg.out

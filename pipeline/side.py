@@ -1,0 +1,512 @@
+"""The ladder side network (LST, Sung et al. 2022, sec. 3.2), for T5, encoder-only and decoder-only backbones.
+
+Data flow for one stack (shapes for batch B, tokens T, backbone width d, side width d/r):
+
+    side = down_0(embedding output)                       # (B, T, d/r)  the first ladder
+    for j, k in enumerate(kept_layers):
+        side = block_j(side)                              # side block j runs beside backbone block k
+        side = mu_j * side + (1 - mu_j) * down_{j+1}(h_k) # gated ladder, mu_j = sigmoid(alpha_j / T)
+    side = final_norm(side)                               # T5 / decoder-only (BERT layers end in a LayerNorm)
+
+then `up` (d/r -> d) into the frozen LM head (T5, decoder-only) or a trainable task head (encoder-only).
+The order block-then-fuse and mu weighting the side branch follow the official code; alpha is
+zero-initialized (mu = 0.5) and T = 0.1 (paper sec. 3.2).
+
+The side network sees the backbone only through `states`: a dict name -> (B, T, d) tensor. Stage two
+fills it from the ladder store; in-loop LST fills it from a live frozen backbone under no_grad. The
+module cannot tell the two apart, which is what makes cached and live training identical.
+
+Blocks are written here (not borrowed from transformers) so the side network does not change when
+transformers' internal block signatures do, and so pruning can map every weight by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.layout import EMB, SRC, TGT, state_name
+
+GATE_T = 0.1  # paper sec. 3.2
+NEG = -1e9  # additive mask value; finite so a fully padded query row cannot turn into NaN
+
+
+@dataclass
+class SideSpec:
+    """Everything needed to rebuild a side network; saved as side_config.json beside its weights."""
+
+    family: str  # t5 | encoder | decoder
+    d_model: int
+    n_heads: int
+    d_kv: int
+    d_ff: int
+    n_layers: int  # backbone layers per stack
+    layers: list[int]  # kept side layers, 0-based backbone layer indices
+    r: int = 8
+    variant: str = "ladder"
+    kind: str = "classification"  # or regression
+    num_labels: int = 2
+    act: str = "relu"  # relu | gelu | gated-gelu | silu (SwiGLU)
+    norm_eps: float = 1e-6
+    vocab_size: int = 0
+    n_kv_heads: int = 0  # decoder-only grouped-query attention (0 = n_heads)
+    qkv_bias: bool = False
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    rope_theta: float = 10000.0
+    tie_scale: bool = True  # T5 tied head: scale the final hidden state by d_model^-0.5
+    verbalizer_ids: list[int] = field(default_factory=list)  # decoder-only: first token of each verbalizer
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
+            if size % self.r:
+                raise ConfigError(f"r: {self.r} does not divide the backbone's {name} ({size}); pick r dividing it")
+        bad = [k for k in self.layers if not 0 <= k < self.n_layers]
+        if bad:
+            raise ConfigError(f"layers: {bad} out of range for a backbone with {self.n_layers} layers (0..{self.n_layers - 1})")
+        if not self.layers:
+            raise ConfigError("layers: keep at least one side layer")
+        self.layers = sorted(int(k) for k in self.layers)
+        if self.variant == "late_fusion" and self.n_layers - 1 not in self.layers:
+            raise ConfigError(f"layers: late_fusion needs the last backbone layer ({self.n_layers - 1}) kept")
+
+    @property
+    def side_d(self) -> int:
+        return self.d_model // self.r
+
+    @property
+    def side_kv(self) -> int:
+        return self.d_kv // self.r
+
+    @property
+    def side_ff(self) -> int:
+        return self.d_ff // self.r
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        return (SRC, TGT) if self.family == "t5" else (SRC,)
+
+    def state_names(self, stack: str) -> list[str]:
+        """Backbone states this side net reads from the store, in ladder order."""
+        first = [state_name(stack, EMB)] if self.family == "encoder" else []
+        if self.variant in ("no_ladder",):
+            return first
+        if self.variant == "late_fusion":
+            return first + [state_name(stack, self.n_layers - 1)]
+        return first + [state_name(stack, k) for k in self.layers]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SideSpec":
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    """T5 / Llama layer norm: scale only, no mean subtraction, fp32 statistics."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+def make_norm(spec: SideSpec, d: int) -> nn.Module:
+    return nn.LayerNorm(d, eps=spec.norm_eps) if spec.family == "encoder" else RMSNorm(d, spec.norm_eps)
+
+
+def rope(x, theta: float):
+    """Rotary embedding (rotate-half convention) on (B, H, T, hs)."""
+    t, hs = x.shape[-2], x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
+    ang = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), inv)  # (T, hs/2)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int, hs: int, bias: bool, out_bias: bool, dropout: float,
+                 n_kv_heads: int = 0, scale: float | None = None):
+        super().__init__()
+        self.h, self.hkv, self.hs = n_heads, n_kv_heads or n_heads, hs
+        self.q = nn.Linear(d, n_heads * hs, bias=bias)
+        self.k = nn.Linear(d, self.hkv * hs, bias=bias)
+        self.v = nn.Linear(d, self.hkv * hs, bias=bias)
+        self.o = nn.Linear(n_heads * hs, d, bias=out_bias)
+        self.dropout, self.scale = dropout, scale
+
+    def forward(self, x, kv=None, bias=None, rope_theta: float | None = None):
+        B, T, _ = x.shape
+        src = x if kv is None else kv
+        S = src.shape[1]
+        q = self.q(x).view(B, T, self.h, self.hs).transpose(1, 2)  # (B, H, T, hs)
+        k = self.k(src).view(B, S, self.hkv, self.hs).transpose(1, 2)  # (B, Hkv, S, hs)
+        v = self.v(src).view(B, S, self.hkv, self.hs).transpose(1, 2)
+        if rope_theta is not None:
+            q, k = rope(q, rope_theta), rope(k, rope_theta)
+        if self.hkv != self.h:
+            k = k.repeat_interleave(self.h // self.hkv, dim=1)
+            v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hs))  # (B, T, d)
+
+
+class FeedForward(nn.Module):
+    """relu/gelu: wo(act(wi x)); gated-gelu (T5 v1.1) and silu (Llama SwiGLU): wo(act(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, d: int, d_ff: int, act: str, bias: bool):
+        super().__init__()
+        self.gated = act in ("gated-gelu", "silu")
+        if self.gated:
+            self.wi_0, self.wi_1 = nn.Linear(d, d_ff, bias=bias), nn.Linear(d, d_ff, bias=bias)
+        else:
+            self.wi = nn.Linear(d, d_ff, bias=bias)
+        self.wo = nn.Linear(d_ff, d, bias=bias)
+        self.act = {"relu": F.relu, "gelu": F.gelu, "gated-gelu": lambda x: F.gelu(x, approximate="tanh"),
+                    "silu": F.silu}[act]
+
+    def forward(self, x):
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(h)
+
+
+class Block(nn.Module):
+    """One side transformer block at width d/r, in the backbone family's own arrangement:
+    T5 / decoder-only: pre-norm residual (self-attn, [cross-attn], FF); BERT: post-norm."""
+
+    def __init__(self, spec: SideSpec, cross: bool):
+        super().__init__()
+        d, f = spec.side_d, spec.family
+        self.post_norm = f == "encoder"
+        scale = 1.0 if f == "t5" else None  # T5 folds 1/sqrt(d_kv) into its weights
+        bias = f == "encoder"
+        self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.dropout,
+                              spec.n_kv_heads, scale)
+        self.norm_attn = make_norm(spec, d)
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, spec.dropout, 0, scale) if cross else None
+        self.norm_cross = make_norm(spec, d) if cross else None
+        self.ff = FeedForward(d, spec.side_ff, spec.act, bias)
+        self.norm_ff = make_norm(spec, d)
+        self.drop = nn.Dropout(spec.dropout)
+        self.rope_theta = spec.rope_theta if f == "decoder" else None
+
+    def forward(self, x, bias, enc=None, enc_bias=None):
+        if self.post_norm:
+            x = self.norm_attn(x + self.drop(self.attn(x, bias=bias)))
+            return self.norm_ff(x + self.drop(self.ff(x)))
+        x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
+        return x + self.drop(self.ff(self.norm_ff(x)))
+
+
+class AdapterBlock(nn.Module):
+    """Ablation (supplement Table 1): a two-layer bottleneck instead of a transformer block. The T5
+    side decoder keeps its cross-attention, or it could not see the input at all."""
+
+    def __init__(self, spec: SideSpec, cross: bool):
+        super().__init__()
+        d = spec.side_d
+        self.norm_ff = make_norm(spec, d)
+        self.ff = FeedForward(d, spec.side_ff, "gelu" if spec.act.startswith("gated") else
+                              ("relu" if spec.act == "relu" else "gelu"), True)
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, spec.dropout) if cross else None
+        self.norm_cross = make_norm(spec, d) if cross else None
+        self.drop = nn.Dropout(spec.dropout)
+
+    def forward(self, x, bias, enc=None, enc_bias=None):
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
+        return x + self.drop(self.ff(self.norm_ff(x)))
+
+
+class SideStack(nn.Module):
+    """Side blocks for one backbone stack, with their ladders and gates."""
+
+    def __init__(self, spec: SideSpec, cross: bool):
+        super().__init__()
+        self.spec = spec
+        n, d, ds = len(spec.layers), spec.d_model, spec.side_d
+        block = AdapterBlock if spec.variant == "adapter" else Block
+        self.blocks = nn.ModuleList([block(spec, cross) for _ in range(n)])
+        self.first_down = nn.Linear(d, ds)  # ladder of the embedding output
+        self.uses_ladders = spec.variant in ("ladder", "adapter", "cross_attention")
+        if self.uses_ladders:
+            self.downs = nn.ModuleList([nn.Linear(d, ds) for _ in range(n)])  # Linear with bias, as the official code
+        if spec.variant in ("ladder", "adapter"):
+            self.alpha = nn.Parameter(torch.zeros(n))  # mu = sigmoid(0 / T) = 0.5 at init
+        if spec.variant == "cross_attention":
+            self.ladder_attn = nn.ModuleList(
+                [Attention(ds, spec.n_heads, spec.side_kv, False, False, spec.dropout) for _ in range(n)])
+            self.ladder_norm = nn.ModuleList([make_norm(spec, ds) for _ in range(n)])
+        self.final_norm = make_norm(spec, ds) if spec.family != "encoder" else None
+
+    def gates(self):
+        return torch.sigmoid(self.alpha / GATE_T)
+
+    def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None):
+        """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states."""
+        x = self.first_down(emb.to(self.first_down.weight.dtype))  # (B, T, d/r)
+        mu = self.gates() if hasattr(self, "alpha") else None
+        for j, blk in enumerate(self.blocks):
+            x = blk(x, bias, enc, enc_bias)
+            if not self.uses_ladders:
+                continue
+            h = self.downs[j](ladders[j].to(x.dtype))  # (B, T, d/r)
+            if mu is not None:
+                x = mu[j] * x + (1 - mu[j]) * h
+            else:
+                x = x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+# ---------------------------------------------------------------- masks and T5 position bias
+
+def pad_bias(mask):
+    """(B, S) bool -> (B, 1, 1, S) additive bias hiding padding keys."""
+    return (~mask)[:, None, None, :].float() * NEG
+
+
+def causal_bias(t: int, device):
+    return torch.triu(torch.full((t, t), NEG, device=device), diagonal=1)[None, None]  # (1, 1, T, T)
+
+
+def relative_buckets(rel, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's log-spaced relative position buckets (Raffel et al. 2020, as in mesh-tensorflow)."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
+# ---------------------------------------------------------------- the network
+
+@dataclass
+class SideOutput:
+    loss: torch.Tensor | None
+    scores: torch.Tensor | None  # (B, C) class logits / candidate log-likelihoods, or (B, 1) regression
+
+
+class SideNetwork(nn.Module):
+    """Trainable side network plus the frozen tensors it reuses (buffers, never saved with it).
+
+    frozen: {"embed": (V, d)} for T5 / decoder-only (input embeddings, also the tied LM head),
+            {"lm_head": (V, d)} when the head is untied, {"final_norm_src"/"final_norm_tgt": (d,)}
+            for late fusion on T5 / decoder-only.
+    """
+
+    def __init__(self, spec: SideSpec, frozen: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.spec = spec
+        frozen = frozen or {}
+        self.src = SideStack(spec, cross=False)
+        self.tgt = SideStack(spec, cross=True) if spec.family == "t5" else None
+        self.up = nn.Linear(spec.side_d, spec.d_model)
+        if spec.family == "t5":
+            self.rel_src = nn.Embedding(spec.rel_buckets, spec.n_heads)  # copied unpruned from the backbone
+            self.rel_tgt = nn.Embedding(spec.rel_buckets, spec.n_heads)
+        if spec.family == "encoder":
+            self.head = nn.Linear(spec.d_model, spec.num_labels)
+        for name, t in frozen.items():
+            self.register_buffer(name, t.detach().clone(), persistent=False)
+        missing = [k for k in self.required_frozen() if k not in frozen]
+        if missing:
+            raise ConfigError(f"side network: frozen tensors {missing} were not given (load them from the backbone)")
+
+    def required_frozen(self) -> list[str]:
+        s = self.spec
+        req = [] if s.family == "encoder" else ["embed"]
+        if s.variant == "late_fusion" and s.family != "encoder":
+            req += [f"final_norm_{st}" for st in s.stacks]
+        return req
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # -- helpers
+    def _embed(self, ids):
+        return F.embedding(ids, self.embed)
+
+    def _rel_bias(self, table: nn.Embedding, q: int, k: int, bidirectional: bool, device):
+        rel = torch.arange(k, device=device)[None, :] - torch.arange(q, device=device)[:, None]
+        b = relative_buckets(rel, bidirectional, self.spec.rel_buckets, self.spec.rel_max_distance)
+        return table(b).permute(2, 0, 1)[None]  # (1, H, q, k)
+
+    def _ladders(self, states: dict, stack: str) -> tuple[torch.Tensor | None, list]:
+        names = self.spec.state_names(stack)
+        got = [states[n] for n in names]
+        if self.spec.family == "encoder":
+            return got[0], got[1:]
+        return None, got
+
+    def _late(self, x_up, states, stack):
+        """Side-Tuning's late fusion: add the backbone's final (normed) state to the side output."""
+        h = states[state_name(stack, self.spec.n_layers - 1)].to(x_up.dtype)
+        if self.spec.family != "encoder":
+            w = getattr(self, f"final_norm_{stack}")
+            h = w * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)).to(h.dtype)
+        return x_up + h
+
+    def _lm_logits(self, x):
+        if self.spec.tie_scale:
+            x = x * self.spec.d_model ** -0.5
+        head = self.lm_head if hasattr(self, "lm_head") else self.embed
+        return x @ head.to(x.dtype).T  # (..., V)
+
+    def forward(self, batch) -> SideOutput:
+        s = self.spec
+        ids, mask = batch.src_ids, batch.src_mask  # (B, T)
+        emb, ladders = self._ladders(batch.states, SRC)
+        if emb is None:
+            emb = self._embed(ids)
+        if s.family == "t5":
+            bias = pad_bias(mask) + self._rel_bias(self.rel_src, ids.shape[1], ids.shape[1], True, ids.device)
+        elif s.family == "decoder":
+            bias = pad_bias(mask) + causal_bias(ids.shape[1], ids.device)
+        else:
+            bias = pad_bias(mask)
+        x = self.src(emb, ladders, bias)  # (B, T, d/r)
+
+        if s.family == "encoder":
+            h = self.up(x)  # (B, T, d)
+            if s.variant == "late_fusion":
+                h = self._late(h, batch.states, SRC)
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
+            scores = self.head(pooled)  # (B, C) or (B, 1)
+            return SideOutput(self._head_loss(scores, batch.labels), scores)
+
+        if s.family == "decoder":
+            last = mask.long().sum(1) - 1  # right padding: last real token
+            h = self.up(x[torch.arange(x.shape[0], device=x.device), last])  # (B, d)
+            if s.variant == "late_fusion":
+                st = batch.states[state_name(SRC, s.n_layers - 1)]
+                h = self._late(h[:, None], {state_name(SRC, s.n_layers - 1): st[torch.arange(st.shape[0]), last][:, None]}, SRC)[:, 0]
+            logits = self._lm_logits(h)[:, s.verbalizer_ids]  # (B, C): classification by verbalizer tokens
+            return SideOutput(self._head_loss(logits, batch.labels), logits)
+
+        # T5: side decoder over each target row, cross-attending to its source row's side encoder output
+        rows = batch.tgt_row  # (N,) which source example each target row belongs to
+        enc, enc_mask = x[rows], mask[rows]  # (N, T, d/r)
+        t_ids, t_mask = batch.tgt_ids, batch.tgt_mask  # (N, U)
+        _, t_ladders = self._ladders(batch.states, TGT)
+        U = t_ids.shape[1]
+        t_bias = pad_bias(t_mask) + causal_bias(U, t_ids.device) + self._rel_bias(self.rel_tgt, U, U, False, t_ids.device)
+        y = self.tgt(self._embed(t_ids), t_ladders, t_bias, enc=enc, enc_bias=pad_bias(enc_mask))
+        h = self.up(y)  # (N, U, d)
+        if s.variant == "late_fusion":
+            h = self._late(h, batch.states, TGT)
+        logits = self._lm_logits(h).float()  # (N, U, V)
+        tok_nll = F.cross_entropy(logits.transpose(1, 2), batch.tgt_labels, ignore_index=-100, reduction="none")  # (N, U)
+        loss = tok_nll.sum() / (batch.tgt_labels != -100).sum().clamp(min=1)
+        seq_ll = -tok_nll.sum(1)  # (N,) log p(candidate | source)
+        scores = seq_ll.view(-1, batch.n_candidates) if batch.n_candidates else None
+        return SideOutput(loss, scores)
+
+    def _head_loss(self, scores, labels):
+        if labels is None:
+            return None
+        if self.spec.kind == "regression":
+            return F.mse_loss(scores.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(scores.float(), labels.long())
+
+
+@dataclass
+class LadderBatch:
+    """One mini-batch for the side network, from the store or from a live backbone.
+
+    src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt);
+    T5 only: tgt_ids/tgt_mask/tgt_labels (N, U) decoder inputs, mask, targets (-100 = ignore);
+    tgt_row (N,) source row of each target row; n_candidates: C when every row's C candidates are
+    present in order (scores come back as (B, C)), 0 for teacher forcing on the gold target only.
+    """
+
+    src_ids: torch.Tensor
+    src_mask: torch.Tensor
+    states: dict
+    labels: torch.Tensor | None = None
+    tgt_ids: torch.Tensor | None = None
+    tgt_mask: torch.Tensor | None = None
+    tgt_labels: torch.Tensor | None = None
+    tgt_row: torch.Tensor | None = None
+    tgt_cand: torch.Tensor | None = None  # (N,) candidate index of each target row
+    n_candidates: int = 0
+
+    def to(self, device, dtype=None):
+        def mv(t):
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point() and t.dim() == 3:
+                return t.to(device, dtype, non_blocking=True)
+            return t.to(device, non_blocking=True)
+
+        return dataclasses.replace(
+            self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
+            states={k: mv(v) for k, v in self.states.items()}, labels=mv(self.labels), tgt_ids=mv(self.tgt_ids),
+            tgt_mask=mv(self.tgt_mask), tgt_labels=mv(self.tgt_labels), tgt_row=mv(self.tgt_row),
+            tgt_cand=mv(self.tgt_cand))
+
+    @property
+    def n_tokens(self) -> int:
+        n = int(self.src_mask.sum())
+        return n + (int(self.tgt_mask.sum()) if self.tgt_mask is not None else 0)
+
+
+def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
+                     verbalizer_ids=(), dropout: float = 0.1) -> SideSpec:
+    """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral)."""
+    from pipeline.layout import family_of
+
+    family = family_of(cfg.model_type)
+    if family == "t5":
+        n, act = cfg.num_layers, ("gated-gelu" if getattr(cfg, "is_gated_act", False) else "relu")
+        if getattr(cfg, "num_decoder_layers", n) != n:
+            raise ConfigError("backbone: T5 with different encoder and decoder depths is not supported")
+        base = dict(d_model=cfg.d_model, n_heads=cfg.num_heads, d_kv=cfg.d_kv, d_ff=cfg.d_ff, n_layers=n, act=act,
+                    norm_eps=cfg.layer_norm_epsilon, rel_buckets=cfg.relative_attention_num_buckets,
+                    rel_max_distance=getattr(cfg, "relative_attention_max_distance", 128),
+                    tie_scale=bool(getattr(cfg, "tie_word_embeddings", True)))
+    elif family == "encoder":
+        n = cfg.num_hidden_layers
+        base = dict(d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+                    d_kv=cfg.hidden_size // cfg.num_attention_heads, d_ff=cfg.intermediate_size, n_layers=n,
+                    act="gelu", norm_eps=cfg.layer_norm_eps, tie_scale=False)
+    else:
+        n = cfg.num_hidden_layers
+        hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        base = dict(d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads, d_kv=hs, d_ff=cfg.intermediate_size,
+                    n_layers=n, act="silu", norm_eps=cfg.rms_norm_eps, tie_scale=False,
+                    n_kv_heads=getattr(cfg, "num_key_value_heads", 0) or 0,
+                    qkv_bias=cfg.model_type == "qwen2",
+                    rope_theta=float(getattr(cfg, "rope_theta", None) or
+                                     (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    keep = list(range(n)) if layers is None else list(layers)
+    return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
+                    num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
+                    vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids), dropout=dropout,
+                    **base)

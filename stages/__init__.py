@@ -1,0 +1,1 @@
+"""Thin click CLIs: parse flags (params.yaml section + overrides), call pipeline, map errors to exit 2."""
