@@ -339,24 +339,36 @@ class LadderStore:
     # -- batches
     def groups(self, n_examples: int, names: list[str], ram_budget_mb: int) -> list[tuple[int, int]]:
         """Contiguous example ranges small enough to hold in RAM (one range if the split fits)."""
-        per_token = 4 * self.width * len([n for n in names if n.startswith(SRC)])
+        item = bytes_per_value(self.dtype, self.codec)
+        per_token = item * self.width * len([n for n in names if n.startswith(SRC)])
         tgt = len([n for n in names if n.startswith(TGT)])
-        per_example = (self.offsets[n_examples] / max(n_examples, 1)) * per_token + self.K * 4 * self.width * tgt
+        per_example = (self.offsets[n_examples] / max(n_examples, 1)) * per_token + self.K * item * self.width * tgt
         cap = max(1, int(ram_budget_mb * 2**20 / max(per_example, 1)))
         return [(s, min(s + cap, n_examples)) for s in range(0, n_examples, cap)]
 
-    def load_group(self, e0: int, e1: int, names: list[str]) -> dict[str, np.ndarray]:
+    def load_group(self, e0: int, e1: int, names: list[str]) -> dict[str, tuple]:
+        """Stored (undecoded) rows of examples [e0, e1): decoding happens per batch, so a split held
+        in RAM costs its on-disk dtype (2 bytes a value for fp16/bf16), not float32."""
         out = {}
         for name in names:
             r0, r1 = self.row_range(name, e0, e1)
-            out[name] = self.rows(name, r0, r1)
+            scale = self.layers[name + "_scale"][r0:r1] if self.codec == "int8" else None
+            out[name] = (self.layers[name][r0:r1], scale)
         return out
+
+    def _decode(self, group: tuple, rows: np.ndarray) -> np.ndarray:
+        a, scale = group
+        return decode_rows(a[rows], None if scale is None else scale[rows], self.dtype, self.codec)
 
     def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True):
         """Mini-batches (LadderBatch) of whole examples, padded to the batch's longest. Shuffling is per
         epoch from (seed, epoch): the order of RAM-sized groups, then examples within a group. The next
         group is read in a background thread while the current one is consumed."""
+        it = self._batches(names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch)
+        return _background(it, depth=4) if prefetch else it
+
+    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch):
         n = min(self.n, limit) if limit else self.n
         rng = np.random.default_rng([seed, epoch])
         groups = self.groups(n, names, ram_budget_mb)
@@ -388,15 +400,16 @@ class LadderStore:
         ids, mask = pad(seqs)
         B, T = ids.shape
         states = {}
-        base = off[e0]
+        # one gather per state: positions of every real token of the batch in the group, and where
+        # they land in the padded (B, T) grid
+        src_rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in idx]) - off[e0]
+        flat = mask.numpy().reshape(-1)
         for name in names:
             if name.startswith(TGT):
                 continue
-            arr = data[name]
-            x = np.zeros((B, T, arr.shape[1]), np.float32)
-            for j, i in enumerate(idx):
-                x[j, : off[i + 1] - off[i]] = arr[off[i] - base: off[i + 1] - base]
-            states[name] = torch.from_numpy(x)  # (B, T, d)
+            x = np.zeros((B * T, self.width), np.float32)
+            x[flat] = self._decode(data[name], src_rows)
+            states[name] = torch.from_numpy(x.reshape(B, T, self.width))  # (B, T, d)
         labels = torch.from_numpy(self.labels[idx].copy())
         batch = LadderBatch(ids, mask, states, labels)
         if not self.cand:
@@ -416,11 +429,10 @@ class LadderStore:
         for name in names:
             if not name.startswith(TGT):
                 continue
-            arr = data[name]
-            x = np.zeros((len(pairs), U, arr.shape[1]), np.float32)
+            x = np.zeros((len(pairs), U, self.width), np.float32)
             for r, (j, c) in enumerate(pairs):
                 s = (idx[j] - e0) * self.K + self.cand_offsets[c]
-                x[r, : len(self.cand[c])] = arr[s: s + len(self.cand[c])]
+                x[r, : len(self.cand[c])] = self._decode(data[name], np.arange(s, s + len(self.cand[c])))
             states[name] = torch.from_numpy(x)  # (N, U, d)
         batch.tgt_ids, batch.tgt_labels, batch.tgt_mask = dec_in[cs], dec_labels[cs], dec_mask[cs]
         batch.tgt_row, batch.tgt_cand = rows, torch.tensor(cs)
@@ -433,3 +445,41 @@ class LadderStore:
             return int(np.argmin([abs(b - label) for b in bins]))
         return int(label)
 
+
+def _background(it, depth: int):
+    """Run a generator in a thread, `depth` items ahead: batch assembly (numpy gathers, decode)
+    overlaps the training step."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

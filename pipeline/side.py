@@ -148,7 +148,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, self.hkv * hs, bias=bias)
         self.v = nn.Linear(d, self.hkv * hs, bias=bias)
         self.o = nn.Linear(n_heads * hs, d, bias=out_bias)
-        self.dropout, self.scale = dropout, scale
+        self.scale = scale
 
     def forward(self, x, kv=None, bias=None, rope_theta: float | None = None):
         B, T, _ = x.shape
@@ -162,9 +162,10 @@ class Attention(nn.Module):
         if self.hkv != self.h:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        # no dropout on attention probabilities: it forces SDPA's slow path and, on 2 CPU cores, took a
+        # third of the side net's step time (measured with torch.profiler); residual dropout remains
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                           scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hs))  # (B, T, d)
 
 

