@@ -115,6 +115,20 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+_KILL_ENV = "LADDER_CACHE_KILL_AFTER_WRITES"  # test hook: SIGKILL this process after N shard writes
+_writes = [0]
+
+
+def _crash_point():
+    n = os.environ.get(_KILL_ENV)
+    if n is not None:
+        _writes[0] += 1
+        if _writes[0] >= int(n):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def compare_fingerprints(stored: dict, wanted: dict, fields=FINGERPRINT_FIELDS) -> dict:
     return {k: (stored.get(k), wanted.get(k)) for k in fields if k in wanted and stored.get(k) != wanted.get(k)}
 
@@ -266,6 +280,7 @@ class StoreWriter:
         lg[name][start:start + take] = vals
         if scale is not None:
             lg[name + "_scale"][start:start + take] = scale
+        _crash_point()  # between the data write and its record: the worst place to die
         self.written[name] = (start + take + self.shard - 1) // self.shard
         rest = cat[take:]
         self.buf[name] = [rest] if rest.shape[0] else []

@@ -1,0 +1,230 @@
+"""The ladder store: exact contents, raggedness, resume after kill -9, integrity, fingerprints, dask view."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import backbone as bbm
+from pipeline import cache
+from pipeline.config import CacheConfig
+from pipeline.errors import FingerprintMismatch, StoreError
+from pipeline.inspect import open_ladders, summarize
+from pipeline.ladder_store import LAYERS, LadderStore
+from pipeline.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_store(backbone, task, out, **kw):
+    cfg = CacheConfig(backbone=backbone, task=task, out=str(out), device="cpu", batch_size=kw.pop("batch_size", 7),
+                      shard_tokens=kw.pop("shard_tokens", 64), chunk_tokens=kw.pop("chunk_tokens", 16), **kw)
+    return cfg, cache.run(cfg, log=lambda *a: None)
+
+
+def live_states(backbone, task_path, split, names, limit=0):
+    bb = bbm.load_backbone(backbone, "cpu")
+    task = get_task(task_path)
+    exs = task.load("unused", 0)[split]
+    exs = exs[:limit] if limit else exs
+    enc = bbm.encode(task, exs, bb.tokenizer, bb.family, 64)
+    cand = bbm.decoder_inputs(enc.cand_ids, 0) if bb.family == "t5" else None
+    # same batches as stage one (batch_size 7): padding changes matmul shapes, and so the last float bits
+    out, masks = {n: [] for n in names}, []
+    for b in range(0, len(exs), 7):
+        ids, mask = bbm.pad(enc.src_ids[b:b + 7])
+        st = bbm.forward_states(bb, ids, mask, names, cand)
+        for n in names:
+            out[n].append(st[n][mask] if n.startswith("src") else st[n])
+    return {n: torch.cat(v) for n, v in out.items()} if names else {}, enc, None
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_fp32_store_equals_live_backbone_exactly(family, tiny_bert, tiny_t5, toy_task, tmp_path):
+    backbone = tiny_bert if family == "bert" else tiny_t5
+    _, paths = make_store(backbone, toy_task, tmp_path / "c", dtype="fp32", splits=["train"])
+    store = LadderStore(paths[0])
+    live, enc, mask = live_states(backbone, toy_task, "train", store.names)
+    for name in store.names:
+        stored = store.rows(name, 0, store.layers[name].shape[0])
+        if name.startswith("tgt"):
+            C, K = len(enc.cand_ids), store.K
+            h = live[name].view(store.n, C, -1, store.width)
+            want = torch.cat([h[i, c, : len(enc.cand_ids[c])] for i in range(store.n) for c in range(C)])
+        else:
+            want = live[name]  # (tokens, d): padding dropped
+        assert np.array_equal(stored, want.numpy()), name
+
+
+def test_total_tokens_equal_sum_of_lengths_and_no_padding(tiny_bert, toy_task, tmp_path):
+    _, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"])
+    store = LadderStore(paths[0])
+    _, enc, _ = live_states(tiny_bert, toy_task, "train", [])
+    lengths = [len(s) for s in enc.src_ids]
+    assert store.offsets[-1] == sum(lengths)
+    assert np.array_equal(np.diff(store.offsets), lengths)
+    for name in store.names:
+        assert store.layers[name].shape[0] == sum(lengths)
+    assert np.array_equal(store.src_ids, np.concatenate(enc.src_ids))
+
+
+def test_real_minilm_fp16_store_is_live_states_rounded_to_fp16(tmp_path):
+    cfg, paths = make_store(bbm.MINILM, "rt-sentiment", tmp_path / "c", splits=["validation"], limit=24,
+                            data_dir=str(tmp_path / "raw"), shard_tokens=256, chunk_tokens=64)
+    store = LadderStore(paths[0])
+    assert store.fingerprint["dtype"] == "fp16"
+    assert store.fingerprint["backbone_sha256"] == bbm.MINILM_SHA256
+    bb = bbm.load_backbone(bbm.MINILM, "cpu")
+    task = get_task("rt-sentiment")
+    exs = task.load(tmp_path / "raw", 0)["validation"][:24]
+    enc = bbm.encode(task, exs, bb.tokenizer, bb.family, 64)
+    ids, mask = bbm.pad(enc.src_ids)
+    live = bbm.forward_states(bb, ids, mask, store.names)
+    for name in store.names:
+        stored = store.rows(name, 0, int(store.offsets[-1]))
+        want = live[name][mask].numpy()
+        # fp16 keeps 11 significant bits: relative rounding error <= 2^-11 (plus fp32 noise from batching)
+        assert np.allclose(stored, want, rtol=2**-10, atol=1e-4), name
+        assert not np.array_equal(stored, want)  # it really was rounded
+
+
+@pytest.mark.parametrize("kill_after", [1, 4, 9])
+def test_kill_9_then_resume_gives_bit_identical_store(kill_after, tiny_t5, toy_task, tmp_path):
+    args = [sys.executable, "-m", "stages.cache_activations", "--params", "none", "--backbone", tiny_t5,
+            "--task", toy_task, "--splits", "train", "--shard-tokens", "64", "--chunk-tokens", "16",
+            "--batch-size", "5", "--device", "cpu"]
+    ref = subprocess.run(args + ["--out", str(tmp_path / "ref")], cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ, LADDER_CACHE_KILL_AFTER_WRITES=str(kill_after))
+    out = tmp_path / "killed"
+    died = subprocess.run(args + ["--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert died.returncode == -9
+    with pytest.raises(StoreError, match="incomplete"):
+        LadderStore(out / "train.zarr")  # a half-written store is never read as valid
+    recorded = json.loads((out / "train.zarr" / "_progress.json").read_text())["shards"]
+    assert sum(recorded.values()) == kill_after - 1  # the shard written as it died was never recorded
+    again = subprocess.run(args + ["--out", str(out), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    a, b = LadderStore(tmp_path / "ref" / "train.zarr"), LadderStore(out / "train.zarr")
+    assert a.names == b.names
+    for name in a.names:
+        assert np.array_equal(a.layers[name][:], b.layers[name][:]), name
+
+
+def test_flipped_byte_in_a_chunk_is_detected(tiny_bert, toy_task, tmp_path):
+    _, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"])
+    shard = next((paths[0] / LAYERS / "src_01" / "c").rglob("*"))
+    while shard.is_dir():
+        shard = next(shard.iterdir())
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = LadderStore(paths[0])
+    with pytest.raises(Exception, match="(?i)checksum|crc"):
+        store.rows("src_01", 0, store.layers["src_01"].shape[0])
+
+
+def test_fingerprint_mismatch_is_refused_naming_the_field(tiny_bert, toy_task, tmp_path):
+    cfg, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"])
+    with pytest.raises(FingerprintMismatch, match="max_length"):
+        LadderStore(paths[0], expect={"max_length": 32})
+    with pytest.raises(FingerprintMismatch, match="max_length") as e:
+        make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"], max_length=32)
+    assert "task" not in e.value.diffs
+    # with --overwrite the store is rebuilt for the new config
+    make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"], max_length=32, overwrite=True)
+    assert LadderStore(paths[0]).fingerprint["max_length"] == 32
+
+
+@pytest.mark.parametrize("codec", ["zstd", "int8", "bitround"])
+def test_dask_view_equals_direct_reads(codec, tiny_bert, toy_task, tmp_path):
+    _, paths = make_store(tiny_bert, toy_task, tmp_path / codec, splits=["train"], codec=codec)
+    store, lad = LadderStore(paths[0]), open_ladders(paths[0])
+    assert np.array_equal(lad["offsets"], store.offsets)
+    for name in store.names:
+        assert np.array_equal(lad[name].compute(), store.rows(name, 0, store.layers[name].shape[0])), name
+
+
+def test_lossy_codecs_error_is_small_and_reported(tiny_bert, toy_task, tmp_path):
+    _, ref = make_store(tiny_bert, toy_task, tmp_path / "fp32", splits=["train"], dtype="fp32")
+    for codec, bound in (("int8", 0.02), ("bitround", 0.01)):
+        _, p = make_store(tiny_bert, toy_task, tmp_path / codec, splits=["train"], codec=codec)
+        s = summarize(p[0], reference=ref[0])
+        errs = [r["relative_error_vs_reference"] for r in s["layers"].values()]
+        assert 0 < max(errs) < bound, (codec, errs)
+
+
+def test_reader_batches_are_whole_examples_shuffled_per_epoch(tiny_bert, toy_task, tmp_path):
+    _, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"], dtype="fp32")
+    store = LadderStore(paths[0])
+    seen = []
+    for epoch in (0, 1):
+        order = []
+        for b in store.batches(["src_01"], 10, shuffle=True, seed=3, epoch=epoch):
+            lens = b.src_mask.sum(1).numpy()
+            for j in range(len(lens)):
+                row = b.src_ids[j, : lens[j]].numpy()
+                i = next(i for i in range(store.n) if np.array_equal(store.src_ids[store.offsets[i]:store.offsets[i + 1]], row))
+                assert np.array_equal(b.states["src_01"][j, : lens[j]].numpy(),
+                                      store.rows("src_01", store.offsets[i], store.offsets[i + 1]))
+                assert not b.states["src_01"][j, lens[j]:].any()  # padding is zeros, masked
+                order.append(i)
+        assert sorted(order) == list(range(store.n))
+        seen.append(order)
+    assert seen[0] != seen[1]
+    again = [i for b in store.batches(["src_01"], 10, shuffle=True, seed=3, epoch=0) for i in [0]]
+    assert len(again) == len(list(range(0, store.n, 10)))
+
+
+# ---------------------------------------------------------------- bad input via the CLI
+
+def run_cli(args, tmp_path):
+    from stages.cache_activations import main
+
+    return CliRunner().invoke(main, ["--params", "none", "--device", "cpu"] + args, catch_exceptions=False)
+
+
+def write_csv_task(tmp_path, rows, text_col="sentence1"):
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "t.yaml").write_text(f"kind: classification\ntext_columns: [{text_col}]\nlabel_column: label\n"
+                                     "label_names: [a, b]\nfiles: {train: train.csv}\n")
+    return str(tmp_path / "t.yaml")
+
+
+@pytest.mark.parametrize("case,args_fn,message", [
+    ("unknown task", lambda p, bb: ["--task", "nope", "--backbone", bb], "unknown task 'nope'"),
+    ("missing column", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "x", "label": 0}], "text"),
+                                      "--backbone", bb, "--splits", "train"], "missing column 'text'"),
+    ("empty text", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}, {"sentence1": " ", "label": 1}]),
+                                  "--backbone", bb, "--splits", "train"], "row 1 has empty text"),
+    ("label outside set", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 5}]),
+                                         "--backbone", bb, "--splits", "train"], "outside the label set"),
+    ("layer out of range", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}]),
+                                          "--backbone", bb, "--splits", "train", "--layers", "0,7"], "[7] out of range"),
+    ("max_length", lambda p, bb: ["--max-length", "0"], "max_length: must be a positive"),
+    ("backbone", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}]), "--splits", "train",
+                                "--backbone", str(p / "no_such_model")], "cannot load config"),
+])
+def test_bad_input_gets_one_clear_error_and_leaves_nothing(case, args_fn, message, tiny_bert, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli(args_fn(tmp_path, tiny_bert) + ["--out", str(out)], tmp_path)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not any(out.rglob("*.zarr")) if out.exists() else True
+
+
+def test_unwritable_output_is_refused(tiny_bert, toy_task, tmp_path):
+    ro = tmp_path / "ro"
+    ro.write_text("a file where a folder should be")
+    res = run_cli(["--task", toy_task, "--backbone", tiny_bert, "--splits", "train", "--out", str(ro / "cache")], tmp_path)
+    assert res.exit_code == 2
+    assert "error:" in res.output
