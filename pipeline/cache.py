@@ -60,7 +60,7 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
     fp = fingerprint(cfg, bb, task, split, examples, dtype)
     path = Path(cfg.out) / f"{split}.zarr"
     writer = ls.StoreWriter(path, fp, offsets, np.concatenate(enc.src_ids), enc.labels, arrays,
-                            enc.cand_ids if bb.family == "t5" else [], dtype=dtype, codec=cfg.codec,
+                            enc.cand_ids, dtype=dtype, codec=cfg.codec,
                             chunk_tokens=cfg.chunk_tokens, shard_tokens=cfg.shard_tokens)
     raw = sum(a.rows for a in arrays) * d * ls.bytes_per_value(dtype, cfg.codec)
     padded = n * cfg.max_length * d * len([a for a in arrays if not a.name.startswith(TGT)]) * 2

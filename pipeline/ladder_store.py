@@ -7,7 +7,8 @@ Layout of `<out>/<split>.zarr` (format version 1):
     labels             (n,) float32       class index or regression target
     layers/<name>      (rows, d)          one array per stored state, e.g. src_emb, src_03, tgt_05
     layers/<name>_scale (rows, 1) float32  int8 codec only: per-token absmax / 127
-    cand_ids           (K,) int32         T5 / decoder-only: all candidate verbalizers' token ids, concatenated
+    cand_ids           (K,) int32         T5: all candidate verbalizers' token ids, concatenated
+                                          (decoder-only: the first token of each verbalizer)
     cand_offsets       (C + 1,) int64     candidate c is cand_ids[cand_offsets[c]:cand_offsets[c+1]]
     _progress.json     shards written per array, and `complete`; the only source of truth for completeness
 
@@ -427,7 +428,7 @@ class LadderStore:
             states[name] = torch.from_numpy(x.reshape(B, T, self.width))  # (B, T, d)
         labels = torch.from_numpy(self.labels[idx].copy())
         batch = LadderBatch(ids, mask, states, labels)
-        if not self.cand:
+        if self.fingerprint.get("family") != "t5":
             return batch
         # T5: candidate target rows
         C = len(self.cand)
@@ -453,6 +454,12 @@ class LadderStore:
         batch.tgt_row, batch.tgt_cand = rows, torch.tensor(cs)
         batch.n_candidates = C if all_candidates else 0
         return batch
+
+    def make_batch_like(self, batch):
+        """The same examples as `batch` without stored states (for a live-backbone feed)."""
+        import dataclasses
+
+        return dataclasses.replace(batch, states={})
 
     def fingerprint_target(self, label: float) -> int:
         bins = self.fingerprint.get("regression_bins") or []

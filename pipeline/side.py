@@ -408,7 +408,8 @@ class SideNetwork(nn.Module):
             if s.variant == "late_fusion":
                 st = batch.states[state_name(SRC, s.n_layers - 1)]
                 h = self._late(h[:, None], {state_name(SRC, s.n_layers - 1): st[torch.arange(st.shape[0]), last][:, None]}, SRC)[:, 0]
-            logits = self._lm_logits(h)[:, s.verbalizer_ids]  # (B, C): classification by verbalizer tokens
+            verb = torch.tensor(s.verbalizer_ids, device=h.device)
+            logits = self._lm_logits(h)[:, verb]  # (B, C): classification by verbalizer tokens
             return SideOutput(self._head_loss(logits, batch.labels), logits)
 
         # T5: side decoder over each target row, cross-attending to its source row's side encoder output

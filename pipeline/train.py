@@ -51,7 +51,7 @@ class BackboneFeed:
         if self.bb.sha256 != store.fingerprint["backbone_sha256"]:
             raise ConfigError(f"backbone: {cfg.backbone} is not the backbone the cache {store.path} was made with")
         self.cand = (bbm.decoder_inputs(store.cand, int(store.fingerprint["decoder_start_token_id"]))
-                     if store.cand and self.bb.family == "t5" else None)
+                     if self.bb.family == "t5" else None)
 
     def __call__(self, batch: LadderBatch, names: list[str]) -> LadderBatch:
         st = bbm.forward_states(self.bb, batch.src_ids, batch.src_mask, names, self.cand)

@@ -1,0 +1,210 @@
+"""The side network: cache/live equivalence, gates, pruning, Fisher, parameter counts, variants, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import backbone as bbm
+from pipeline import cache, prune
+from pipeline.config import CacheConfig
+from pipeline.errors import BackboneError, ConfigError
+from pipeline.ladder_store import LadderStore
+from pipeline.layout import SRC, TGT
+from pipeline.side import SideNetwork, spec_from_config
+from pipeline.tasks import get_task
+from pipeline.prune_run import fisher_batches
+from pipeline.config import PruneConfig
+
+FAMILIES = ["bert", "t5", "llama"]
+
+
+def backbone_for(family, tiny_bert, tiny_t5, tiny_llama):
+    return {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family]
+
+
+def side_for(backbone, task, variant="ladder", init="magnitude", layers=None, r=4, store=None):
+    cfg = bbm.load_config(backbone)
+    t = get_task(task)
+    verb = [int(c[0]) for c in store.cand] if store is not None and bbm.family_of_config(cfg) == "decoder" else []
+    spec = spec_from_config(cfg, r, layers, variant, t.kind, t.num_labels, verb, dropout=0.0)
+    frozen = bbm.load_frozen_tensors(backbone, spec.family, variant)
+    weights = bbm.state_dict_from_files(backbone) if init != "random" else None
+    return prune.build_side(spec, frozen, init, 0, weights)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_and_live_backbone_give_identical_loss_and_gradients(family, tiny_bert, tiny_t5, tiny_llama,
+                                                                   toy_task, tmp_path):
+    backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
+    cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
+    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    net = side_for(backbone, toy_task, store=store)
+    from pipeline.train import BackboneFeed
+    from pipeline.config import TrainConfig
+
+    feed = BackboneFeed(TrainConfig(backbone=backbone, task=toy_task, device="cpu"), store)
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    for batch in list(store.batches(names, 16, shuffle=True, seed=1))[:2]:
+        grads = []
+        for b in (batch, feed(store.make_batch_like(batch), names)):
+            net.zero_grad()
+            loss = net(b).loss
+            loss.backward()
+            grads.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+        (l1, g1), (l2, g2) = grads
+        assert torch.allclose(l1, l2, atol=1e-6, rtol=0)
+        assert g1.keys() == g2.keys() and len(g1) > 10
+        for n in g1:
+            assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-5), n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gates_start_at_one_half_and_only_side_parameters_train(family, tiny_bert, tiny_t5, tiny_llama, toy_task):
+    backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
+    net = side_for(backbone, toy_task)
+    for stack in (net.src, net.tgt):
+        if stack is not None:
+            assert torch.equal(stack.gates(), torch.full_like(stack.alpha, 0.5))
+    # frozen tensors are buffers: never trained, never saved with the side network
+    assert all(not n.startswith(("embed", "lm_head")) for n, _ in net.named_parameters())
+    buffers = set(dict(net.named_buffers()))
+    assert set(net.required_frozen()) <= buffers <= {"embed", "lm_head", "final_norm_src", "final_norm_tgt"}
+    assert set(net.state_dict()) == {n for n, _ in net.named_parameters()}
+
+
+def test_trainable_count_equals_closed_form_for_bert(tiny_bert, toy_task):
+    net = side_for(tiny_bert, toy_task, r=4)
+    s = net.spec
+    d, ds, ff, L = s.d_model, s.side_d, s.side_ff, len(s.layers)
+    attn = 4 * (ds * s.n_heads * s.side_kv) + 3 * s.n_heads * s.side_kv + ds
+    block = attn + 2 * ds + (ds * ff + ff) + (ff * ds + ds) + 2 * ds
+    ladders = (L + 1) * (d * ds + ds)
+    expected = L * block + ladders + L + (ds * d + d) + (d * s.num_labels + s.num_labels)
+    assert net.trainable_parameters() == expected
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_pruned_weights_are_exact_slices_of_the_backbone(family, tiny_bert, tiny_t5, toy_task):
+    backbone = tiny_bert if family == "bert" else tiny_t5
+    cfg = bbm.load_config(backbone)
+    spec = spec_from_config(cfg, 2, [0, 2], "ladder", "classification", 2, [0, 1])
+    W = prune.normalize_keys(bbm.state_dict_from_files(backbone))
+    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, "ladder"), "magnitude", 0, W)
+    idx = prune.select_indices(spec, W)
+    R = idx["R"]
+    for j, k in enumerate(spec.layers):
+        m = prune.layer_map(spec, SRC, k)
+        H, F = idx[(SRC, k, "attn", "q")], idx[(SRC, k, "F")]
+        blk = net.src.blocks[j]
+        assert torch.equal(blk.attn.q.weight, W[m["attn.q.weight"]][H][:, R])
+        assert torch.equal(blk.attn.o.weight, W[m["attn.o.weight"]][R][:, H])
+        wi = "ff.wi.weight"
+        assert torch.equal(blk.ff.wi.weight, W[m[wi]][F][:, R])
+        assert torch.equal(blk.ff.wo.weight, W[m["ff.wo.weight"]][R][:, F])
+        assert torch.equal(blk.norm_ff.weight, W[m["norm_ff.weight"]][R])
+        # each head keeps d_kv / r of its own rows
+        hs = spec.d_kv
+        assert [int((H // hs == h).sum()) for h in range(spec.n_heads)] == [spec.side_kv] * spec.n_heads
+    # magnitude keeps the rows with the largest sum |W|
+    q = W[prune.layer_map(spec, SRC, 0)["attn.q.weight"]]
+    assert len(R) == spec.side_d and len(set(R.tolist())) == spec.side_d
+    if family == "t5":
+        assert torch.equal(net.rel_src.weight, W["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+    del q
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_fisher_equals_brute_force_per_example_gradients(family, tiny_bert, tiny_t5, toy_task):
+    backbone = tiny_bert if family == "bert" else tiny_t5
+    bb = bbm.load_backbone(backbone, "cpu", for_grad=True)
+    task = get_task(toy_task)
+    exs = task.load("unused", 0)["train"][:6]
+    batches = fisher_batches(bb, task, exs, PruneConfig(backbone=backbone, task=toy_task, batch_size=3))
+    imp, n = prune.fisher_importance(bb, batches, task.kind)
+    assert n == 6
+    probe = prune.fit_probe(bb, batches, task.kind) if bb.family == "encoder" else None
+    name = next(k for k in imp if k.endswith("weight") and ("wi" in k or "intermediate" in k))
+    module = bb.model.get_submodule(name.rsplit(".", 1)[0])
+    module.weight.requires_grad_(True)
+    brute = torch.zeros_like(module.weight)
+    for b in batches:
+        for i in range(b["ids"].shape[0]):
+            one = {k: v[i:i + 1] for k, v in b.items()}
+            one["ids"], one["mask"] = one["ids"][:, : int(one["mask"].sum())], one["mask"][:, : int(one["mask"].sum())]
+            module.weight.grad = None
+            prune.example_log_likelihood(bb, one, probe).sum().backward()
+            brute += module.weight.grad.pow(2)
+    assert torch.allclose(imp[name], brute / 6, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["no_ladder", "late_fusion", "adapter", "cross_attention"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_variants_train_a_step(variant, family, tiny_bert, tiny_t5, tiny_llama, toy_task, tmp_path):
+    backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
+    cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), splits=["train"], device="cpu")
+    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    net = side_for(backbone, toy_task, variant=variant, store=store)
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    batch = next(store.batches(names, 8, shuffle=False))
+    loss = net(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    if variant == "no_ladder":
+        assert not hasattr(net.src, "downs")
+
+
+def test_clear_errors_for_bad_sizes_layers_and_families(tiny_bert):
+    cfg = bbm.load_config(tiny_bert)
+    with pytest.raises(ConfigError, match="does not divide the backbone's d_model"):
+        spec_from_config(cfg, 3, None, "ladder", "classification", 2)
+    with pytest.raises(ConfigError, match=r"\[5\] out of range"):
+        spec_from_config(cfg, 2, [0, 5], "ladder", "classification", 2)
+    from transformers import GPT2Config
+
+    with pytest.raises(BackboneError, match="supported: t5"):
+        spec_from_config(GPT2Config(), 8, None, "ladder", "classification", 2)
+
+
+PAPER = {  # name: (config kwargs, kept layers, paper's "update param. per task" %)
+    "t5-base": (dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12), [1, 2, 3, 5, 6, 7, 9, 10, 11], 1.74),
+    "t5-large": (dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24), list(range(1, 24, 2)), 1.23),
+    "t5-3b": (dict(d_model=1024, d_ff=16384, d_kv=128, num_heads=32, num_layers=24), [23], 0.08),
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_t5_shapes_build_on_meta_with_paper_scale_parameter_counts(name):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    kw, layers, paper_pct = PAPER[name]
+    cfg = T5Config(vocab_size=32128, **kw)
+    spec = spec_from_config(cfg, 8, layers, "ladder", "classification", 2, [0, 1])
+    with torch.device("meta"):
+        net = SideNetwork(spec, {"embed": torch.empty(32128, kw["d_model"])})
+        backbone = sum(p.numel() for p in T5ForConditionalGeneration(cfg).parameters())
+    pct = 100 * net.trainable_parameters() / backbone
+    # same order as the paper's counts (theirs include implementation details we do not copy)
+    assert paper_pct / 4 < pct < paper_pct * 4, pct
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("bert", dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)),
+    ("bert", dict(hidden_size=384, intermediate_size=1536, num_attention_heads=12, num_hidden_layers=6)),
+    ("llama", dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+                   num_hidden_layers=22)),
+])
+def test_encoder_and_decoder_shapes_build_on_meta(kind, kw):
+    from transformers import BertConfig, LlamaConfig
+
+    cfg = BertConfig(**kw) if kind == "bert" else LlamaConfig(vocab_size=32000, **kw)
+    spec = spec_from_config(cfg, 8, None, "ladder", "classification", 2, [5, 6])
+    with torch.device("meta"):
+        frozen = {} if kind == "bert" else {"embed": torch.empty(32000, kw["hidden_size"])}
+        net = SideNetwork(spec, frozen)
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        states = {n: torch.empty(2, 5, kw["hidden_size"]) for n in spec.state_names(SRC)}
+        from pipeline.side import LadderBatch
+
+        out = net(LadderBatch(ids, torch.ones(2, 5, dtype=torch.bool), states, torch.zeros(2)))
+    assert out.scores.shape == (2, 2)
