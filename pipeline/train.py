@@ -36,6 +36,7 @@ SIDE_WEIGHTS = "side.safetensors"
 SIDE_CONFIG = "side_config.json"
 METRICS = "metrics.json"
 CURVES = "plots/curves.csv"
+KILL_ENV = "LADDER_CACHE_KILL_AFTER_EPOCH"
 
 
 def open_store(cfg: TrainConfig, split: str) -> LadderStore:
@@ -206,6 +207,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         _atomic_torch_save({"net": {k: v for k, v in net.state_dict().items()}, "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
                             "curves": curves, "config": _resumable(cfg)}, ckpt)
+        if os.environ.get(KILL_ENV) == str(epoch + 1):  # test hook: die like kill -9 after this checkpoint
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
     peak, kind = peak_memory_mb(device)
     save_side(out, net, cfg, store, s.init_info)
     metrics = {"trainable_params": net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
