@@ -12,4 +12,5 @@ Modules, one concept each:
   evaluate      metrics, rank classification, frozen-features baseline
   inspect       dask view of a store and its summary
   predict       backbone + side network on raw text
+  durable       atomic file writes and the kill -9 test hook
 """

@@ -1,8 +1,6 @@
 """The evaluate stage: score a split from the cache, compare with the frozen-features baseline, save artifacts."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import numpy as np
 from pipeline import evaluate as ev
 from pipeline.backbone import pick_device
 from pipeline.config import EvalConfig
+from pipeline.durable import atomic_json
 from pipeline.errors import StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
@@ -27,7 +26,7 @@ def run(cfg: EvalConfig) -> dict:
         raise StoreError(f"{train_path}: the baseline needs the train split's cache; run stage one for it")
     scores = ev.score_store(net, store, cfg.batch_size, device)
     pred = ev.predictions(scores, task.kind, task.regression_bins)
-    metrics = {f"{k}": v for k, v in ev.task_metrics(task.kind, pred, store.labels).items()}
+    metrics = ev.task_metrics(task.kind, pred, store.labels)
     metrics.update(ev.frozen_features_baseline(LadderStore(train_path, expect={"task": task.name}), store, task.kind,
                                                meta["train"].get("limit", 0)))
     metrics["headline_metric"] = task.metric
@@ -35,9 +34,7 @@ def run(cfg: EvalConfig) -> dict:
     metrics["examples"] = int(store.n)
     out = Path(cfg.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    os.replace(tmp, out / "metrics.json")
+    atomic_json(out / "metrics.json", metrics)
     rows = ["actual,predicted"] + [f"{a:g},{p:g}" for a, p in zip(store.labels, pred)]
     (out / "plots" / "predictions.csv").write_text("\n".join(rows) + "\n")
     if task.kind == "classification":

@@ -39,6 +39,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from pipeline.durable import atomic_json, crash_point
 from pipeline.errors import FingerprintMismatch, StoreError
 from pipeline.layout import SRC, TGT
 
@@ -107,27 +108,7 @@ def decode_rows(a: np.ndarray, scale: np.ndarray | None, dtype: str, codec: str)
     return a.astype(np.float32)
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-_KILL_ENV = "LADDER_CACHE_KILL_AFTER_WRITES"  # test hook: SIGKILL this process after N shard writes
-_writes = [0]
-
-
-def _crash_point():
-    n = os.environ.get(_KILL_ENV)
-    if n is not None:
-        _writes[0] += 1
-        if _writes[0] >= int(n):
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
+KILL_ENV = "LADDER_CACHE_KILL_AFTER_WRITES"  # test hook: SIGKILL after this many shard writes
 
 
 def compare_fingerprints(stored: dict, wanted: dict, fields=FINGERPRINT_FIELDS) -> dict:
@@ -160,6 +141,7 @@ class StoreWriter:
         self.buf: dict[str, list] = {}  # tensors not yet on disk, starting at buf_start (a shard boundary)
         self.buf_start: dict[str, int] = {}
         self.pos: dict[str, int] = {}  # next row append() will receive
+        self.shard_writes = 0
 
     # -- lifecycle
     def open(self, resume: bool, overwrite: bool) -> int:
@@ -217,7 +199,7 @@ class StoreWriter:
             if self.codec == "int8":
                 self._new_array(lg, a.name + "_scale", a.rows, 1, "float32")
         self.written = {a.name: 0 for a in self.arrays.values()}
-        _atomic_json(tmp / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": False})
+        atomic_json(tmp / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": False})
         os.replace(tmp, self.path)
 
     def _new_array(self, g, name, rows, width, dtype):
@@ -250,7 +232,6 @@ class StoreWriter:
     # -- data
     def append(self, name: str, rows: torch.Tensor):
         """Rows of the next examples, in order; whole shards are flushed as soon as they fill."""
-        a = self.arrays[name]
         start = self.pos[name]
         done = self.written[name] * self.shard
         if start + rows.shape[0] <= done:  # already on disk from before the crash
@@ -281,12 +262,13 @@ class StoreWriter:
         lg[name][start:start + take] = vals
         if scale is not None:
             lg[name + "_scale"][start:start + take] = scale
-        _crash_point()  # between the data write and its record: the worst place to die
+        self.shard_writes += 1
+        crash_point(KILL_ENV, self.shard_writes)  # between the data write and its record: the worst place to die
         self.written[name] = (start + take + self.shard - 1) // self.shard
         rest = cat[take:]
         self.buf[name] = [rest] if rest.shape[0] else []
         self.buf_start[name] = start + take
-        _atomic_json(self.path / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": False})
+        atomic_json(self.path / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": False})
 
     def finish(self):
         for name in self.arrays:
@@ -296,7 +278,7 @@ class StoreWriter:
                 raise StoreError(f"{self.path}: array {name} has {self.written[name]} of {expected} shards; rerun with --resume")
         g = zarr.open_group(str(self.path), mode="r+")
         g.attrs["complete"] = True
-        _atomic_json(self.path / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": True})
+        atomic_json(self.path / PROGRESS, {"fingerprint": self.fp, "shards": self.written, "complete": True})
 
 
 # ---------------------------------------------------------------- reading
@@ -454,12 +436,6 @@ class LadderStore:
         batch.tgt_row, batch.tgt_cand = rows, torch.tensor(cs)
         batch.n_candidates = C if all_candidates else 0
         return batch
-
-    def make_batch_like(self, batch):
-        """The same examples as `batch` without stored states (for a live-backbone feed)."""
-        import dataclasses
-
-        return dataclasses.replace(batch, states={})
 
     def fingerprint_target(self, label: float) -> int:
         bins = self.fingerprint.get("regression_bins") or []

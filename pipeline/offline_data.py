@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.durable import atomic_path
 from pipeline.errors import DataError
 
 
@@ -119,7 +120,6 @@ def cached_parquet(name: str, loader, data_dir: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     df = loader(Path(data_dir))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
     return df

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.durable import atomic_path
 from pipeline.errors import ConfigError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
 from pipeline.side import SideNetwork, SideSpec
@@ -305,10 +306,9 @@ def build_side(spec: SideSpec, frozen, init: str, seed: int, weights=None, impor
 def save_side_init(path: str | Path, net: SideNetwork, fp: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"fingerprint": json.dumps(fp, sort_keys=True), "spec": net.spec.to_json()}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
 
 
 def load_side_init(path: str | Path, expect: dict) -> tuple[dict, dict]:

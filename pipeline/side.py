@@ -140,8 +140,8 @@ def rope(x, theta: float):
 
 
 class Attention(nn.Module):
-    def __init__(self, d: int, n_heads: int, hs: int, bias: bool, out_bias: bool, dropout: float,
-                 n_kv_heads: int = 0, scale: float | None = None):
+    def __init__(self, d: int, n_heads: int, hs: int, bias: bool, out_bias: bool, n_kv_heads: int = 0,
+                 scale: float | None = None):
         super().__init__()
         self.h, self.hkv, self.hs = n_heads, n_kv_heads or n_heads, hs
         self.q = nn.Linear(d, n_heads * hs, bias=bias)
@@ -198,10 +198,9 @@ class Block(nn.Module):
         self.post_norm = f == "encoder"
         scale = 1.0 if f == "t5" else None  # T5 folds 1/sqrt(d_kv) into its weights
         bias = f == "encoder"
-        self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.dropout,
-                              spec.n_kv_heads, scale)
+        self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.n_kv_heads, scale)
         self.norm_attn = make_norm(spec, d)
-        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, spec.dropout, 0, scale) if cross else None
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, 0, scale) if cross else None
         self.norm_cross = make_norm(spec, d) if cross else None
         self.ff = FeedForward(d, spec.side_ff, spec.act, bias)
         self.norm_ff = make_norm(spec, d)
@@ -228,7 +227,7 @@ class AdapterBlock(nn.Module):
         self.norm_ff = make_norm(spec, d)
         self.ff = FeedForward(d, spec.side_ff, "gelu" if spec.act.startswith("gated") else
                               ("relu" if spec.act == "relu" else "gelu"), True)
-        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, spec.dropout) if cross else None
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False) if cross else None
         self.norm_cross = make_norm(spec, d) if cross else None
         self.drop = nn.Dropout(spec.dropout)
 
@@ -255,7 +254,7 @@ class SideStack(nn.Module):
             self.alpha = nn.Parameter(torch.zeros(n))  # mu = sigmoid(0 / T) = 0.5 at init
         if spec.variant == "cross_attention":
             self.ladder_attn = nn.ModuleList(
-                [Attention(ds, spec.n_heads, spec.side_kv, False, False, spec.dropout) for _ in range(n)])
+                [Attention(ds, spec.n_heads, spec.side_kv, False, False) for _ in range(n)])
             self.ladder_norm = nn.ModuleList([make_norm(spec, ds) for _ in range(n)])
         self.final_norm = make_norm(spec, ds) if spec.family != "encoder" else None
 

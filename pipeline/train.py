@@ -7,9 +7,9 @@ for comparison) the same examples in the same order get their states from the li
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -25,6 +25,7 @@ from pipeline import backbone as bbm
 from pipeline import evaluate as ev
 from pipeline import prune
 from pipeline.config import TrainConfig, to_dict
+from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT
@@ -45,7 +46,7 @@ def open_store(cfg: TrainConfig, split: str) -> LadderStore:
 
 
 class BackboneFeed:
-    """In-loop LST: fills a batch's states from the live frozen backbone (no grad)."""
+    """In-loop LST: the same batch with its states computed by the live frozen backbone (no grad)."""
 
     def __init__(self, cfg: TrainConfig, store: LadderStore):
         self.bb = bbm.load_backbone(cfg.backbone, cfg.device)
@@ -62,8 +63,7 @@ class BackboneFeed:
             rows = batch.tgt_row * C + batch.tgt_cand
             U = batch.tgt_ids.shape[1]
             states.update({n: v[rows.to(v.device), :U].float() for n, v in st.items() if n.startswith(TGT)})
-        batch.states = states
-        return batch
+        return dataclasses.replace(batch, states=states)
 
 
 @dataclass
@@ -78,7 +78,6 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, log=print) -> Setup:
-    task = get_task(cfg.task)
     train = open_store(cfg, "train")
     if train.n == 0 or (cfg.limit and cfg.limit < 1):
         raise DataError(f"{train.path}: the training split is empty")
@@ -136,12 +135,6 @@ def peak_memory_mb(device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-
-
-def _atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -204,13 +197,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
         curves.append(row)
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         _write_curves(out / CURVES, curves)
-        _atomic_torch_save({"net": {k: v for k, v in net.state_dict().items()}, "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-                            "curves": curves, "config": _resumable(cfg)}, ckpt)
-        if os.environ.get(KILL_ENV) == str(epoch + 1):  # test hook: die like kill -9 after this checkpoint
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
+        with atomic_path(ckpt) as tmp:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "rng": torch.get_rng_state(), "epoch": epoch, "curves": curves, "config": _resumable(cfg)}, tmp)
+        crash_point(KILL_ENV, epoch + 1)  # test hook: die like kill -9 right after this checkpoint
     peak, kind = peak_memory_mb(device)
     save_side(out, net, cfg, store, s.init_info)
     metrics = {"trainable_params": net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
@@ -219,7 +209,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                "train_examples": n, "final_train_loss": curves[-1]["train_loss"] if curves else None}
     if curves and s.val is not None:
         metrics.update({k: v for k, v in curves[-1].items() if k.startswith("val_")})
-    _atomic_json(out / METRICS, metrics)
+    atomic_json(out / METRICS, metrics)
     return metrics
 
 
@@ -238,27 +228,18 @@ def evaluate_split(net, store, device, cfg, feed=None) -> dict:
 
 def _write_curves(path: Path, rows: list[dict]):
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def save_side(out: Path, net: SideNetwork, cfg: TrainConfig, store: LadderStore, init_info: dict):
     """The side network alone (trainable tensors) + the config needed to rebuild and check it."""
-    tmp = out / (SIDE_WEIGHTS + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / SIDE_WEIGHTS)
+    with atomic_path(out / SIDE_WEIGHTS) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     fp = store.fingerprint
-    _atomic_json(out / SIDE_CONFIG, {"spec": json.loads(net.spec.to_json()), "backbone": cfg.backbone,
+    atomic_json(out / SIDE_CONFIG, {"spec": json.loads(net.spec.to_json()), "backbone": cfg.backbone,
                                      "backbone_sha256": fp["backbone_sha256"], "task": cfg.task,
                                      "max_length": fp["max_length"], "init": init_info, "train": to_dict(cfg)})
 
