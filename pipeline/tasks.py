@@ -147,7 +147,7 @@ def _plus_minus(df):
     return df
 
 
-BBC_TOPICS = ["business", "entertainment", "politics", "sport", "tech"]
+BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]  # the folder names in the wheel
 
 
 def _bbc(df):

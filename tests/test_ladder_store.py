@@ -228,3 +228,10 @@ def test_unwritable_output_is_refused(tiny_bert, toy_task, tmp_path):
     res = run_cli(["--task", toy_task, "--backbone", tiny_bert, "--splits", "train", "--out", str(ro / "cache")], tmp_path)
     assert res.exit_code == 2
     assert "error:" in res.output
+
+
+def test_bbc_topics_from_the_registry_wheel_have_every_topic_as_a_label(tmp_path):
+    task = get_task("bbc-topics")
+    splits = task.load(tmp_path / "raw", 0)
+    labels = {int(ex.label) for split in splits.values() for ex in split}
+    assert labels == set(range(len(task.label_names))) and sum(map(len, splits.values())) == 2225

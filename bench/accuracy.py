@@ -1,0 +1,284 @@
+"""Accuracy suite on real offline tasks with the real MiniLM backbone, full splits, 3 seeds.
+
+Per task: stage one once per codec (fp16+zstd, int8, bitround), the Fisher side init once, then
+
+    lst_cache      LST from the cache (ours), Fisher init, fp16 cache
+    lst_inloop     the same runs with the backbone in the loop (--feed backbone), same seeds and lr
+    lst_magnitude  / lst_random      init ablation (paper Fig. 7)
+    lst_int8       / lst_bitround    codec ablation (lossy caches, train and test)
+    full_ft, lora, selective         baselines on the backbone (bench/baselines.py)
+    frozen         logistic regression on frozen mean-pooled features
+
+Learning rates: each trained method picks its lr from a small grid by validation score with seed 0
+(the LST variants use lst_cache's), then runs seeds 1 and 2 at that lr. Test scores are of the final
+epoch's weights. Jobs run in parallel processes (--jobs); each job's result is a JSON file under
+--work, so an interrupted suite resumes where it stopped.
+
+    python -m bench.accuracy --tasks rt-sentiment,hedge-conll2010,bbc-topics --jobs 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TASKS = {  # epochs: the paper's 10, 20 on small sets; max_length covers the task's texts
+    "rt-sentiment": {"epochs": 10, "max_length": 64},
+    "hedge-conll2010": {"epochs": 20, "max_length": 64},
+    "bbc-topics": {"epochs": 20, "max_length": 256},
+}
+LR_GRID = {"lst_cache": [1e-3, 3e-3, 1e-2], "full_ft": [2e-5, 5e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3],
+           "selective": [2e-5, 5e-5, 1e-4]}
+LST_VARIANTS = {  # method -> (init, codec, feed)
+    "lst_cache": ("fisher", "zstd", "cache"), "lst_inloop": ("fisher", "zstd", "backbone"),
+    "lst_magnitude": ("magnitude", "zstd", "cache"), "lst_random": ("random", "zstd", "cache"),
+    "lst_int8": ("fisher", "int8", "cache"), "lst_bitround": ("fisher", "bitround", "cache")}
+BATCH = 100  # paper
+R = 8
+
+
+def _quiet(*a, **k):
+    pass
+
+
+def prepare(task: str, a) -> dict:
+    """Stage one per codec and the Fisher side init; returns their paths."""
+    from pipeline import cache, prune_run
+    from pipeline.config import CacheConfig, PruneConfig
+
+    work, t = Path(a.work) / task, TASKS[task]
+    paths = {}
+    for codec in ("zstd", "int8", "bitround"):
+        out = work / f"cache_{codec}"
+        cache.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
+                              out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
+        paths[codec] = str(out)
+    init = work / "side_init_fisher.safetensors"
+    if not init.exists():
+        prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=R, init="fisher", max_length=t["max_length"],
+                                  out=str(init), data_dir=a.data_dir, device=a.device), log=print)
+    paths["fisher"] = str(init)
+    return paths
+
+
+def _metrics(task, scores, labels):
+    from pipeline import evaluate as ev
+    from pipeline.tasks import get_task
+
+    tk = get_task(task)
+    return ev.task_metrics(tk.kind, ev.predictions(scores, tk.kind, tk.regression_bins), labels)
+
+
+def run_lst(job: dict) -> dict:
+    from pipeline import evaluate as ev
+    from pipeline.config import TrainConfig
+    from pipeline.ladder_store import LadderStore
+    from pipeline.train import load_side, train
+
+    init, codec, feed = LST_VARIANTS[job["method"]]
+    cfg = TrainConfig(task=job["task"], cache=job["paths"][codec], out=job["out"], backbone=job["backbone"], r=R,
+                      init=init, side_init=job["paths"]["fisher"] if init == "fisher" else "", epochs=job["epochs"],
+                      lr=job["lr"], batch_size=BATCH, seed=job["seed"], feed=feed, device=job["device"],
+                      max_length=job["max_length"], data_dir=job["data_dir"])
+    m = train(cfg, log=_quiet)
+    net, _ = load_side(job["out"], _device(job["device"]))
+    test = LadderStore(Path(job["paths"][codec]) / "test.zarr")
+    feed_fn = None
+    if feed == "backbone":  # score the test split in the loop too
+        from pipeline.train import BackboneFeed
+
+        feed_fn = BackboneFeed(cfg, test)
+    scores = ev.score_store(net, test, 256, _device(job["device"]), feed=feed_fn)
+    val = {k[4:]: v for k, v in m.items() if k.startswith("val_")}
+    return {"val": val, "test": _metrics(job["task"], scores, test.labels), "trainable_params": m["trainable_params"],
+            "train_tokens_per_s": m["train_tokens_per_s"], "peak_memory_mb": m["peak_memory_mb"]}
+
+
+def _device(name):
+    from pipeline.backbone import pick_device
+
+    return pick_device(name)
+
+
+def run_baseline(job: dict) -> dict:
+    """full_ft / lora / selective on the backbone, reading token ids (and labels) from the cache."""
+    import math
+
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+
+    from bench.baselines import build_encoder, loss_encoder
+    from pipeline.backbone import resolve
+    from pipeline.ladder_store import LadderStore
+    from pipeline.tasks import get_task
+    from pipeline.train import lr_lambda
+
+    dev = _device(job["device"])
+    cache = Path(job["paths"]["zstd"])
+    tr, va, te = (LadderStore(cache / f"{s}.zarr") for s in ("train", "validation", "test"))
+    task = get_task(job["task"])
+    n_out = 1 if task.kind == "regression" else len(task.label_names)
+    torch.manual_seed(job["seed"])
+    enc = AutoModel.from_pretrained(resolve(job["backbone"]), dtype=torch.float32)
+    model, params = build_encoder(job["method"], enc, n_out)
+    model.generator.manual_seed(job["seed"])
+    model.to(dev)
+    steps = math.ceil(tr.n / BATCH) * job["epochs"]
+    opt = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, min(500, steps // 10)), steps))
+    amp = dict(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else dict(device_type="cpu", enabled=False)
+    t0, tokens = time.perf_counter(), 0
+    for epoch in range(job["epochs"]):
+        model.train()
+        for b in tr.batches([], BATCH, shuffle=True, seed=job["seed"], epoch=epoch):
+            ids, mask, y = b.src_ids.to(dev), b.src_mask.to(dev), b.labels.to(dev)
+            with torch.autocast(**amp):
+                loss = loss_encoder(model, ids, mask, y, task.kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            tokens += int(mask.sum())
+    dt = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def scores(store):
+        model.eval()
+        out = []
+        for b in store.batches([], 256, shuffle=False):
+            with torch.autocast(**amp):
+                out.append(model(b.src_ids.to(dev), b.src_mask.to(dev)).float().cpu().numpy())
+        return np.concatenate(out)
+
+    return {"val": _metrics(job["task"], scores(va), va.labels), "test": _metrics(job["task"], scores(te), te.labels),
+            "trainable_params": sum(p.numel() for p in params), "train_tokens_per_s": tokens / dt}
+
+
+def run_job(job: dict) -> dict:
+    path = Path(job["result"])
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    res = run_lst(job) if job["method"].startswith("lst_") else run_baseline(job)
+    res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(path)
+    print(f"{job['task']} {job['method']} seed={job['seed']} lr={job['lr']:g}: "
+          f"val {res['val'].get(_headline(job['task']))} test {res['test'].get(_headline(job['task']))} "
+          f"({res['wall_s']:.0f} s)", flush=True)
+    return res
+
+
+def _headline(task):
+    from pipeline.tasks import get_task
+
+    return get_task(task).metric
+
+
+def make_job(task, method, seed, lr, paths, a) -> dict:
+    key = f"{task}/{method}_s{seed}_lr{lr:g}"
+    return {"task": task, "method": method, "seed": seed, "lr": lr, "paths": paths, "backbone": a.backbone,
+            "epochs": a.epochs or TASKS[task]["epochs"], "max_length": TASKS[task]["max_length"], "device": a.device,
+            "data_dir": a.data_dir, "out": str(Path(a.work) / "runs" / key), "result": str(Path(a.work) / "jobs" / f"{key}.json"),
+            "threads": max(1, (os.cpu_count() or 2) // a.jobs)}
+
+
+def frozen(task, paths) -> dict:
+    from pipeline import evaluate as ev
+    from pipeline.ladder_store import LadderStore
+    from pipeline.tasks import get_task
+
+    c = Path(paths["zstd"])
+    m = ev.frozen_features_baseline(LadderStore(c / "train.zarr"), LadderStore(c / "test.zarr"), get_task(task).kind)
+    return {k[len("baseline_"):]: v for k, v in m.items()}
+
+
+def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
+    metric = _headline(task)
+    out = {"headline_metric": metric, "methods": {}}
+    for method in sorted({r["method"] for r in rows}):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        vals = [100 * r["test"][metric] for r in rs]
+        out["methods"][method] = {
+            "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "test": vals,
+            "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "test_accuracy_mean": statistics.mean(100 * r["test"].get("accuracy", float("nan")) for r in rs),
+            "trainable_params": rs[0]["trainable_params"]}
+    out["methods"]["frozen"] = {"test": [100 * frozen_test[metric]], "mean": 100 * frozen_test[metric], "std": 0.0,
+                                "trainable_params": None}
+    ms = out["methods"]
+    by_seed = {m: {r["seed"]: 100 * r["test"][metric] for r in rows if r["method"] == m} for m in ms}
+    if "lst_cache" in by_seed and "lst_inloop" in by_seed:
+        common = sorted(set(by_seed["lst_cache"]) & set(by_seed["lst_inloop"]))
+        d = [by_seed["lst_cache"][s] - by_seed["lst_inloop"][s] for s in common]
+        out["cache_vs_inloop_delta_pt"] = {"per_seed": d, "mean": statistics.mean(d) if d else None}
+    if "lst_cache" in ms and "full_ft" in ms:
+        out["lst_vs_full_ft_delta_pt"] = ms["lst_cache"]["mean"] - ms["full_ft"]["mean"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--work", default="data/bench_accuracy")
+    ap.add_argument("--data-dir", default="data/raw")
+    ap.add_argument("--out", default="bench/results/accuracy.json")
+    ap.add_argument("--limit", type=int, default=0, help="smoke runs only: cache N examples per split")
+    ap.add_argument("--epochs", type=int, default=0, help="smoke runs only: override the epochs per task")
+    a = ap.parse_args()
+    import torch
+    import transformers
+
+    seeds = [int(s) for s in a.seeds.split(",")]
+    dev = _device(a.device)
+    res = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]),
+           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
+           "machine": platform.node(), "cpu_count": os.cpu_count(),
+           "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__},
+           "config": {**vars(a), "tasks": {t: TASKS[t] for t in a.tasks.split(",")}, "lr_grid": LR_GRID,
+                      "batch_size": BATCH, "r": R, "lst_variants": LST_VARIANTS},
+           "tasks": {}}
+    pool = ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn"))
+    for task in a.tasks.split(","):
+        t0 = time.perf_counter()
+        paths = prepare(task, a)
+        grid = [make_job(task, m, seeds[0], lr, paths, a) for m, lrs in LR_GRID.items() for lr in lrs]
+        first = list(pool.map(run_job, grid))
+        best = {}
+        for m in LR_GRID:
+            rs = [r for r in first if r["method"] == m]
+            best[m] = max(rs, key=lambda r: r["val"][_headline(task)])["lr"]
+        jobs = [make_job(task, m, s, best[m], paths, a) for m in LR_GRID for s in seeds[1:]]
+        jobs += [make_job(task, m, s, best["lst_cache"], paths, a) for m in LST_VARIANTS if m != "lst_cache" for s in seeds]
+        rest = list(pool.map(run_job, jobs))
+        rows = [r for r in first if r["lr"] == best[r["method"]]] + rest
+        res["tasks"][task] = {**aggregate(task, rows, frozen(task, paths)), "lr_selection": first, "runs": rows,
+                              "wall_s": time.perf_counter() - t0}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res["tasks"][task].items() if k not in ("runs", "lr_selection")}, indent=1),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
