@@ -195,7 +195,7 @@ def make_job(task, method, seed, lr, paths, a) -> dict:
     key = f"{task}/{method}_s{seed}_lr{lr:g}"
     return {"task": task, "method": method, "seed": seed, "lr": lr, "paths": paths, "backbone": a.backbone,
             "epochs": a.epochs or TASKS[task]["epochs"], "max_length": TASKS[task]["max_length"], "device": a.device,
-            "data_dir": a.data_dir, "out": str(Path(a.work) / "runs" / key), "result": str(Path(a.work) / "jobs" / f"{key}.json"),
+            "data_dir": a.data_dir, "out": str(Path(a.work) / "runs" / key), "result": str(Path(a.jobs_dir or Path(a.work) / "jobs") / f"{key}.json"),
             "threads": max(1, (os.cpu_count() or 2) // a.jobs)}
 
 
@@ -243,6 +243,7 @@ def main():
     ap.add_argument("--work", default="data/bench_accuracy")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--out", default="bench/results/accuracy.json")
+    ap.add_argument("--jobs-dir", default="", help="where each job's result JSON goes (default: <work>/jobs)")
     ap.add_argument("--limit", type=int, default=0, help="smoke runs only: cache N examples per split")
     ap.add_argument("--epochs", type=int, default=0, help="smoke runs only: override the epochs per task")
     a = ap.parse_args()
