@@ -252,13 +252,15 @@ def main():
 
     seeds = [int(s) for s in a.seeds.split(",")]
     dev = _device(a.device)
-    res = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]),
-           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
-           "machine": platform.node(), "cpu_count": os.cpu_count(),
-           "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__},
-           "config": {**vars(a), "tasks": {t: TASKS[t] for t in a.tasks.split(",")}, "lr_grid": LR_GRID,
-                      "batch_size": BATCH, "r": R, "lst_variants": LST_VARIANTS},
-           "tasks": {}}
+    run_info = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]),
+                "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
+                "machine": platform.node(), "cpu_count": os.cpu_count(),
+                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
+                             "transformers": transformers.__version__},
+                "config": {**vars(a), "lr_grid": LR_GRID, "batch_size": BATCH, "r": R, "lst_variants": LST_VARIANTS}}
+    out = Path(a.out)
+    # tasks may run in separate invocations (or machines): each task keeps its own run info
+    res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
     pool = ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn"))
     for task in a.tasks.split(","):
         t0 = time.perf_counter()
@@ -273,10 +275,10 @@ def main():
         jobs += [make_job(task, m, s, best["lst_cache"], paths, a) for m in LST_VARIANTS if m != "lst_cache" for s in seeds]
         rest = list(pool.map(run_job, jobs))
         rows = [r for r in first if r["lr"] == best[r["method"]]] + rest
-        res["tasks"][task] = {**aggregate(task, rows, frozen(task, paths)), "lr_selection": first, "runs": rows,
-                              "wall_s": time.perf_counter() - t0}
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+        res["tasks"][task] = {**aggregate(task, rows, frozen(task, paths)), "run": {**run_info, **TASKS[task]},
+                              "lr_selection": first, "runs": rows, "wall_s": time.perf_counter() - t0}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res["tasks"][task].items() if k not in ("runs", "lr_selection")}, indent=1),
               flush=True)
 
