@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.baselines import PROMPT_TOKENS, T5_METHODS, build_t5, loss_t5  # noqa: E402
 from pipeline.side import LadderBatch, SideNetwork, spec_from_config  # noqa: E402
 
 SHAPES = {  # d_model, d_ff, d_kv, heads, layers; paper's kept side layers (supplement Table 2)
@@ -68,12 +69,12 @@ def timed(step, warmup, steps):
     return statistics.median(ts)
 
 
-def hf_step(model, ids, mask, labels, params, amp):
+def hf_step(method, model, ids, mask, labels, params, amp):
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
         with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = loss_t5(method, model, ids, mask, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,23 +111,12 @@ def run_method(method, name, dtype, B, S, U, warmup, steps):
     amp = dtype == torch.bfloat16
     ids, mask, labels = batch_tensors(B, S, U)
     tokens = B * (S + U)
-    if method in ("full_ft", "lora", "prompt_tuning"):
-        model = make_model(name, dtype)
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules=["q", "v"], lora_dropout=0.0))
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-        elif method == "prompt_tuning":
-            from peft import PromptTuningConfig, TaskType, get_peft_model
-
-            model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=100))
-            tokens = B * (S + 100 + U)
+    if method in T5_METHODS:
+        model, params = build_t5(method, make_model(name, dtype))
+        if method == "prompt_tuning":
+            tokens = B * (S + PROMPT_TOKENS + U)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        step = hf_step(model, ids, mask, labels, params, amp and method != "full_ft")
+        step = hf_step(method, model, ids, mask, labels, params, amp and method not in ("full_ft", "selective"))
         trainable = sum(p.numel() for p in params)
     elif method in ("lst_inloop", "lst_cache", "stage_one_forward"):
         layers = SHAPES[name][5]
@@ -175,13 +165,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="t5-base,t5-large,t5-3b")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--methods", default="full_ft,lora,prompt_tuning,lst_inloop,lst_cache,stage_one_forward")
+    ap.add_argument("--methods", default="full_ft,lora,prompt_tuning,ia3,selective,lst_inloop,lst_cache,stage_one_forward")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--src-len", type=int, default=128)
     ap.add_argument("--tgt-len", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="bench/results/gpu_t5.json")
+    ap.add_argument("--merge", action="store_true", help="keep the other rows of an existing --out")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows use TF32 tensor cores, as PyTorch users on Hopper do
     import transformers
@@ -191,6 +182,10 @@ def main():
            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__},
            "config": vars(a), "notes": "BitFit not run: T5 has no bias terms. Weights random (shapes only).",
            "results": []}
+    out = Path(a.out)
+    if a.merge and out.exists():  # add or replace these rows; rows of other methods stay with their own command
+        old = json.loads(out.read_text())
+        res["results"] = [dict(r, command=r.get("command", old["command"])) for r in old["results"]]
     for name in a.models.split(","):
         for dt in a.dtypes.split(","):
             dtype = torch.bfloat16 if dt == "bf16" else torch.float32
@@ -198,7 +193,7 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-                row = {"model": name, "dtype": dt, "method": method}
+                row = {"model": name, "dtype": dt, "method": method, "command": res["command"]}
                 try:
                     steps = a.steps if name != "t5-3b" else max(5, a.steps // 2)
                     row.update(run_method(method, name, dtype, a.batch, a.src_len, a.tgt_len, a.warmup, steps))
@@ -207,10 +202,11 @@ def main():
                     row.update({"oom": True, "peak_memory_gb": None})
                 gc.collect()
                 torch.cuda.empty_cache()
-                res["results"].append(row)
+                key = (name, dt, method)
+                res["results"] = [r for r in res["results"] if (r["model"], r["dtype"], r["method"]) != key] + [row]
                 print(json.dumps(row), flush=True)
-                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(a.out).write_text(json.dumps(res, indent=2))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
