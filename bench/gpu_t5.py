@@ -29,6 +29,7 @@ SHAPES = {  # d_model, d_ff, d_kv, heads, layers; paper's kept side layers (supp
     "t5-base": (768, 3072, 64, 12, 12, [1, 2, 3, 5, 6, 7, 9, 10, 11]),
     "t5-large": (1024, 4096, 64, 16, 24, list(range(1, 24, 2))),
     "t5-3b": (1024, 16384, 128, 32, 24, [23]),
+    "t5-small": (512, 2048, 64, 8, 6, [0, 1, 2, 3, 4, 5]),  # CPU suite shape (side layers: all)
 }
 CAND = 2  # binary task: candidates for rank classification; training uses the gold one
 
@@ -41,30 +42,36 @@ def t5_config(name):
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def make_model(name, dtype):
+def make_model(name, dtype, dev="cuda"):
     from transformers import T5ForConditionalGeneration
 
-    with torch.device("cuda"):
+    with torch.device(dev):
         m = T5ForConditionalGeneration(t5_config(name))
     return m.to(dtype)
 
 
-def batch_tensors(B, S, U, vocab=32128):
+def batch_tensors(B, S, U, vocab=32128, dev="cuda"):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, vocab, (B, S), generator=g)
     labels = torch.randint(2, vocab, (B, U), generator=g)
-    return ids.cuda(), torch.ones(B, S, dtype=torch.bool, device="cuda"), labels.cuda()
+    return ids.to(dev), torch.ones(B, S, dtype=torch.bool, device=dev), labels.to(dev)
 
 
-def timed(step, warmup, steps):
+def sync(dev):
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, warmup, steps, dev="cuda"):
+    """Median wall time of one step, after warm-up steps."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync(dev)
     ts = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        sync(dev)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -73,7 +80,7 @@ def hf_step(method, model, ids, mask, labels, params, amp):
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step():
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        with torch.autocast(ids.device.type, torch.bfloat16, enabled=amp):
             loss = loss_t5(method, model, ids, mask, labels)
         loss.backward()
         opt.step()
@@ -92,11 +99,34 @@ def capture(model, layers):
     return out, hs
 
 
-def side_for(name, dtype):
+def side_for(name, dtype, dev="cuda"):
     d, ff, kv, h, n, layers = SHAPES[name]
     spec = spec_from_config(t5_config(name), 8, layers, "ladder", "classification", CAND, [0] * CAND, 0.1)
-    frozen = {"embed": torch.randn(32128, d, device="cuda").to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)}
-    return SideNetwork(spec, frozen).cuda(), spec
+    frozen = {"embed": torch.randn(32128, d, device=dev).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)}
+    return SideNetwork(spec, frozen).to(dev), spec
+
+
+# LST from the cache: None = states already decoded to bf16 in (pinned) host memory, copied to the device
+# each step; (dtype, codec) = rows held encoded as the store's reader holds a RAM group, decoded each step
+CACHE_CODECS = {"lst_cache": None, "lst_cache_fp16": ("fp16", "zstd"), "lst_cache_int8": ("fp16", "int8"),
+                "lst_cache_bitround": ("fp16", "bitround")}
+
+
+def cache_feed(shapes: dict, d: int, codec, dev):
+    """A function returning one step's ladder states on `dev`, as stage two's reader delivers them."""
+    from pipeline.ladder_store import decode_rows, encode_rows
+
+    pin = torch.device(dev).type == "cuda"
+    if codec is None:
+        host = {k: torch.randn(*s, d, dtype=torch.bfloat16) for k, s in shapes.items()}
+        host = {k: v.pin_memory() if pin else v for k, v in host.items()}
+        return lambda: {k: v.to(dev, non_blocking=True) for k, v in host.items()}
+    enc = {k: encode_rows(torch.randn(s[0] * s[1], d), *codec) for k, s in shapes.items()}
+
+    def feed():
+        return {k: torch.from_numpy(decode_rows(a, sc, *codec)).view(*shapes[k], d).to(dev, non_blocking=True)
+                for k, (a, sc) in enc.items()}
+    return feed
 
 
 def lst_batch(ids, mask, labels, states):
@@ -107,33 +137,32 @@ def lst_batch(ids, mask, labels, states):
                        torch.arange(B, device=ids.device), torch.zeros(B, dtype=torch.long, device=ids.device), 0)
 
 
-def run_method(method, name, dtype, B, S, U, warmup, steps):
+def run_method(method, name, dtype, B, S, U, warmup, steps, dev="cuda"):
     amp = dtype == torch.bfloat16
-    ids, mask, labels = batch_tensors(B, S, U)
+    ids, mask, labels = batch_tensors(B, S, U, dev=dev)
     tokens = B * (S + U)
     if method in T5_METHODS:
-        model, params = build_t5(method, make_model(name, dtype))
+        model, params = build_t5(method, make_model(name, dtype, dev))
         if method == "prompt_tuning":
             tokens = B * (S + PROMPT_TOKENS + U)
         model.train()
         step = hf_step(method, model, ids, mask, labels, params, amp and method not in ("full_ft", "selective"))
         trainable = sum(p.numel() for p in params)
-    elif method in ("lst_inloop", "lst_cache", "stage_one_forward"):
+    elif method in ("lst_inloop", "stage_one_forward") or method in CACHE_CODECS:
         layers = SHAPES[name][5]
-        side, spec = side_for(name, dtype)
+        side, spec = side_for(name, dtype, dev)
         side.train()
         trainable = side.trainable_parameters()
         params = [p for p in side.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=3e-3)
         if method in ("lst_inloop", "stage_one_forward"):
-            model = make_model(name, torch.bfloat16 if amp else torch.float32).eval()
+            model = make_model(name, torch.bfloat16 if amp else torch.float32, dev).eval()
             for p in model.parameters():
                 p.requires_grad_(False)
             out, _ = capture(model, layers)
-        if method == "lst_cache":
-            # the reader's output: kept states for this batch in pinned host memory (bf16 as stored)
-            host = {f"src_{k:02d}": torch.randn(B, S, spec.d_model, dtype=torch.bfloat16).pin_memory() for k in layers}
-            host.update({f"tgt_{k:02d}": torch.randn(B, U, spec.d_model, dtype=torch.bfloat16).pin_memory() for k in layers})
+        if method in CACHE_CODECS:
+            shapes = {f"src_{k:02d}": (B, S) for k in layers} | {f"tgt_{k:02d}": (B, U) for k in layers}
+            host_states = cache_feed(shapes, spec.d_model, CACHE_CODECS[method], dev)
         dec_in = torch.zeros_like(labels)
 
         def backbone_states():
@@ -151,13 +180,13 @@ def run_method(method, name, dtype, B, S, U, warmup, steps):
                     v.to("cpu", non_blocking=True)
         else:
             def step():
-                st = backbone_states() if method == "lst_inloop" else {k: v.to("cuda", non_blocking=True) for k, v in host.items()}
-                with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                st = backbone_states() if method == "lst_inloop" else host_states()
+                with torch.autocast(ids.device.type, torch.bfloat16, enabled=amp):
                     loss = side(lst_batch(ids, mask, labels, st)).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    t = timed(step, warmup, steps)
+    t = timed(step, warmup, steps, dev)
     return {"step_time_s": t, "tokens_per_s": tokens / t, "trainable_params": trainable}
 
 

@@ -314,10 +314,9 @@ class LadderStore:
         else:
             self.cand, self.cand_offsets = [], np.zeros(1, np.int64)
         self.K = int(self.cand_offsets[-1])
-
-    @property
-    def width(self) -> int:
-        return int(self.layers[self.names[0]].shape[1])
+        # read once: zarr metadata lookups cost ~1 ms each, and batches ask for the width per state
+        self.width = int(self.layers[self.names[0]].shape[1]) if self.names else 0
+        self._resident: tuple | None = None  # ((n, names), rows) of a split that fits in RAM, kept across epochs
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Decoded float32 rows [start, stop) of one stored state."""
@@ -372,6 +371,14 @@ class LadderStore:
         groups = self.groups(n, names, ram_budget_mb)
         if shuffle:
             groups = [groups[i] for i in rng.permutation(len(groups))]
+        if len(groups) == 1:  # the split fits: read and decompress it once, keep it for later epochs
+            key = (n, tuple(names))
+            if self._resident is None or self._resident[0] != key:
+                self._resident = (key, self.load_group(0, n, names))
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            for b in range(0, n, batch_size):
+                yield self.make_batch(order[b:b + batch_size], self._resident[1], 0, names, all_candidates)
+            return
         pool = ThreadPoolExecutor(1) if prefetch else None
         load = (lambda g: pool.submit(self.load_group, g[0], g[1], names)) if pool else None
         try:
