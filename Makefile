@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-cpu bench-gpu clean
+.PHONY: setup demo test bench-cpu bench-gpu bench-accuracy clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ bench-cpu: setup
 
 bench-gpu: setup
 	$(PY) -m bench --suite gpu
+
+bench-accuracy: setup
+	$(PY) -m bench --suite accuracy
 
 clean:
 	rm -rf data runs .dvc/cache

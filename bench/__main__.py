@@ -1,15 +1,21 @@
-"""Run a benchmark suite and refresh bench/results/summary.json.
+"""Run a benchmark suite, then refresh bench/results/summary.json, tables.md and the README's results block.
 
-    python -m bench --suite cpu    # store codecs and stage one on the real MiniLM (2 cores: ~3 minutes)
-    python -m bench --suite gpu    # T5 base/large/3b memory and step time, needs CUDA
+    python -m bench --suite cpu       # store codecs, every method's CPU memory/time, end-to-end sweep (2 cores: ~30 min)
+    python -m bench --suite gpu       # T5 base/large/3b memory and step time (needs CUDA), sweep on the GPU
+    python -m bench --suite accuracy  # real MiniLM, full offline tasks, 3 seeds (hours on 2 cores; ~8 min per task on an H100)
 """
 import argparse
 import subprocess
 import sys
 
+SUITES = {
+    "cpu": [["bench.store_codecs"], ["bench.cpu_methods"], ["bench.sweep", "--device", "cpu", "--out", "bench/results/sweep_cpu.json"]],
+    "gpu": [["bench.gpu_t5"], ["bench.sweep", "--examples", "0", "--epochs", "5", "--device", "cuda",
+                               "--out", "bench/results/sweep_gpu.json"]],
+    "accuracy": [["bench.accuracy", "--tasks", "rt-sentiment,hedge-conll2010"]],
+}
 ap = argparse.ArgumentParser()
-ap.add_argument("--suite", choices=["cpu", "gpu"], required=True)
+ap.add_argument("--suite", choices=list(SUITES), required=True)
 a = ap.parse_args()
-mods = ["bench.store_codecs"] if a.suite == "cpu" else ["bench.gpu_t5"]
-for m in mods + ["bench.summary"]:
-    subprocess.run([sys.executable, "-m", m], check=True)
+for cmd in SUITES[a.suite] + [["bench.summary"]]:
+    subprocess.run([sys.executable, "-m", *cmd], check=True)

@@ -1,14 +1,19 @@
-"""bench/results/summary.json and the markdown tables the README shows, from the newest result files.
+"""bench/results/summary.json, the markdown tables (bench/results/tables.md) and the README's results
+block (between its `results:begin` / `results:end` markers), all from the newest result files.
 
     python -m bench.summary
 """
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RES = Path(__file__).resolve().parent / "results"
+README = RES.parents[1] / "README.md"
+BEGIN, END = "<!-- results:begin (python -m bench.summary writes this block) -->", "<!-- results:end -->"
 SWEEP_LRS, SWEEP_EPOCHS = 4, 10  # paper: 10 epochs; a 4-learning-rate sweep
+HEADLINE = "t5-base/bf16"  # the paper's Table 1 setting
 
 
 def load(name):
@@ -16,9 +21,9 @@ def load(name):
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def row(gpu, model, dtype, method):
-    for r in gpu["results"]:
-        if (r["model"], r["dtype"], r["method"]) == (model, dtype, method):
+def find(rows, **key):
+    for r in rows:
+        if all(r.get(k) == v for k, v in key.items()):
             return r
     return None
 
@@ -29,70 +34,172 @@ def ratio(a, b, key):
     return a[key] / b[key]
 
 
+def gpu_ratios(gpu) -> dict:
+    out = {}
+    for model in ("t5-base", "t5-large", "t5-3b"):
+        for dt in ("bf16", "fp32"):
+            c, i, l, f = (find(gpu["results"], model=model, dtype=dt, method=m)
+                          for m in ("lst_cache", "lst_inloop", "lora", "stage_one_forward"))
+            sweep = None
+            if c and i and f and c.get("step_time_s") and i.get("step_time_s"):
+                n = SWEEP_LRS * SWEEP_EPOCHS
+                sweep = n * i["step_time_s"] / (f["step_time_s"] + n * c["step_time_s"])
+            out[f"{model}/{dt}"] = {"peak_memory_ratio_vs_inloop": ratio(c, i, "peak_memory_gb"),
+                                    "step_time_ratio_vs_inloop": ratio(c, i, "step_time_s"),
+                                    "peak_memory_ratio_vs_lora": ratio(c, l, "peak_memory_gb"),
+                                    "sweep_speedup_vs_inloop_from_step_times": sweep}
+    return out
+
+
+def cpu_ratios(cpu) -> dict:
+    out = {}
+    for model in sorted({r["model"] for r in cpu["results"]}):
+        c, i, l = (find(cpu["results"], model=model, method=m) for m in ("lst_cache_fp16", "lst_inloop", "lora"))
+        out[model] = {"peak_rss_above_start_ratio_vs_inloop": ratio(c, i, "peak_above_start_mb"),
+                      "step_time_ratio_vs_inloop": ratio(c, i, "step_time_s"),
+                      "peak_rss_above_start_ratio_vs_lora": ratio(c, l, "peak_above_start_mb")}
+    return out
+
+
 def main():
-    gpu, store = load("gpu_t5.json"), load("store_codecs.json")
-    notes, per_model = [], {}
-    s = {"device": gpu["device"] if gpu else None}
-    if gpu:
-        for model in ("t5-base", "t5-large", "t5-3b"):
-            for dt in ("bf16", "fp32"):
-                c, i, l = (row(gpu, model, dt, m) for m in ("lst_cache", "lst_inloop", "lora"))
-                f = row(gpu, model, dt, "stage_one_forward")
-                sweep = None
-                if c and i and f and c.get("step_time_s") and i.get("step_time_s"):
-                    n = SWEEP_LRS * SWEEP_EPOCHS
-                    sweep = n * i["step_time_s"] / (f["step_time_s"] + n * c["step_time_s"])
-                per_model[f"{model}/{dt}"] = {
-                    "peak_memory_ratio_vs_inloop": ratio(c, i, "peak_memory_gb"),
-                    "step_time_ratio_vs_inloop": ratio(c, i, "step_time_s"),
-                    "peak_memory_ratio_vs_lora": ratio(c, l, "peak_memory_gb"),
-                    "sweep_speedup_vs_inloop": sweep}
-        head = per_model.get("t5-base/bf16", {})
-        s.update({"stage_two_peak_memory_ratio_vs_inloop": head.get("peak_memory_ratio_vs_inloop"),
-                  "stage_two_step_time_ratio_vs_inloop": head.get("step_time_ratio_vs_inloop"),
-                  "stage_two_peak_memory_ratio_vs_lora": head.get("peak_memory_ratio_vs_lora"),
-                  "sweep_speedup_vs_inloop": head.get("sweep_speedup_vs_inloop")})
-        notes.append("GPU ratios: headline keys are t5-base bf16 (batch 100, 128 source / 4 target tokens); "
-                     "per_model has every shape. Sweep: 4 learning rates x 10 epochs; stage one counted as the "
-                     "backbone forward + device-to-host copy per batch (compression runs on the host, see "
-                     "store_codecs.json).")
+    gpu, store, cpu = load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json")
+    acc = load("accuracy.json")
+    sweeps = {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
+    notes = []
+    s = {"device": gpu["device"] if gpu else None, "cpu_device": cpu["device"] if cpu else None}
+    per_model = gpu_ratios(gpu) if gpu else {}
+    head = per_model.get(HEADLINE, {})
+    s.update({"stage_two_peak_memory_ratio_vs_inloop": head.get("peak_memory_ratio_vs_inloop"),
+              "stage_two_step_time_ratio_vs_inloop": head.get("step_time_ratio_vs_inloop"),
+              "stage_two_peak_memory_ratio_vs_lora": head.get("peak_memory_ratio_vs_lora"),
+              "sweep_speedup_vs_inloop": head.get("sweep_speedup_vs_inloop_from_step_times")})
+    notes.append(f"Headline memory/time/sweep keys: GPU {HEADLINE} (batch 100, 128 source / 4 target tokens); "
+                 "per_model has every T5 shape. Their sweep = 4 lrs x 10 epochs from measured step times, stage one "
+                 "counted as backbone forward + device-to-host copy per batch.")
     s["per_model"] = per_model
+    s["cpu_suite"] = cpu_ratios(cpu) if cpu else None
+    s["sweep_speedup_measured_end_to_end"] = {k: v["sweep_speedup_vs_inloop"] for k, v in sweeps.items() if v}
+    if any(sweeps.values()):
+        notes.append("sweep_speedup_measured_end_to_end: real stage CLIs, real MiniLM + rt-snippets, one stage one "
+                     "+ 4 stage twos vs 4 in-loop runs (bench/results/sweep_*.json).")
     if store:
         s["stage_one_tokens_per_s_ratio_vs_forward"] = store["stage_one_tokens_per_s_ratio_vs_forward"]
         s["bytes_per_token"] = {k: v["bytes_per_token_per_layer"] for k, v in store["codecs"].items()}
         notes.append("bytes_per_token: per stored layer (MiniLM, d=384), real rt-snippets, CPU run "
                      f"({store['config']['examples']} examples).")
     else:
-        s["stage_one_tokens_per_s_ratio_vs_forward"] = None
-        s["bytes_per_token"] = None
-    s["cache_vs_inloop_accuracy_delta_pt"] = None
-    s["lst_vs_full_ft_accuracy_delta_pt"] = None
-    notes.append("accuracy deltas: the full-data 3-seed accuracy suite has not been run yet; tests show cache and "
-                 "in-loop feeds give identical losses/gradients (fp32) and curves.")
+        s["stage_one_tokens_per_s_ratio_vs_forward"] = s["bytes_per_token"] = None
+    s["cache_vs_inloop_accuracy_delta_pt"] = s["lst_vs_full_ft_accuracy_delta_pt"] = None
+    if acc and acc["tasks"]:
+        t = acc["tasks"]
+        d = [v["cache_vs_inloop_delta_pt"]["mean"] for v in t.values() if v.get("cache_vs_inloop_delta_pt")]
+        f = [v["lst_vs_full_ft_delta_pt"] for v in t.values() if v.get("lst_vs_full_ft_delta_pt") is not None]
+        s["cache_vs_inloop_accuracy_delta_pt"] = statistics.mean(d) if d else None
+        s["lst_vs_full_ft_accuracy_delta_pt"] = statistics.mean(f) if f else None
+        s["accuracy_per_task"] = {k: {"headline_metric": v["headline_metric"],
+                                      "cache_vs_inloop_delta_pt": v.get("cache_vs_inloop_delta_pt", {}).get("mean"),
+                                      "lst_vs_full_ft_delta_pt": v.get("lst_vs_full_ft_delta_pt"),
+                                      **{m: round(x["mean"], 2) for m, x in v["methods"].items()}}
+                                  for k, v in t.items()}
+        notes.append(f"accuracy deltas: mean over tasks {', '.join(t)} of 3-seed means (test split, headline metric), "
+                     "MiniLM r=8; cache vs in-loop is paired by seed. See accuracy.json for every run.")
+    else:
+        notes.append("accuracy deltas: bench/results/accuracy.json not present.")
     s["notes"] = notes
     (RES / "summary.json").write_text(json.dumps(s, indent=2))
-    (RES / "tables.md").write_text(tables(gpu, store))
+    md = tables(gpu, store, cpu, acc, sweeps)
+    (RES / "tables.md").write_text(md)
+    if README.exists() and BEGIN in README.read_text():
+        text = README.read_text()
+        pre, rest = text.split(BEGIN, 1)
+        post = rest.split(END, 1)[1]
+        README.write_text(f"{pre}{BEGIN}\n{md}{END}{post}")
     print(json.dumps(s, indent=2))
 
 
-def tables(gpu, store) -> str:
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def accuracy_table(acc) -> list[str]:
+    order = ["lst_cache", "lst_inloop", "full_ft", "lora", "selective", "frozen", "lst_magnitude", "lst_random",
+             "lst_int8", "lst_bitround"]
+    label = {"lst_cache": "**LST from the cache (ours)**", "lst_inloop": "LST, backbone in the loop",
+             "full_ft": "full fine-tuning", "lora": "LoRA r=32 (q, v)", "selective": "token-selective FT (k=32)",
+             "frozen": "frozen features + logistic regression", "lst_magnitude": "LST, magnitude init",
+             "lst_random": "LST, random init", "lst_int8": "LST, int8 cache", "lst_bitround": "LST, BitRound cache"}
+    tasks = list(acc["tasks"])
+    run = next(iter(acc["tasks"].values()))["run"]
+    out = [f"Accuracy ({run['device']}; real MiniLM, full splits, 3 seeds, mean ± std of the test "
+           f"{'/'.join(sorted({v['headline_metric'] for v in acc['tasks'].values()}))}; lr picked on validation "
+           f"with seed 0; `{run['command'].split(' --tasks')[0]} --tasks ...`):", "",
+           "| method | trainable params | " + " | ".join(tasks) + " |", "|---|---:|" + "---:|" * len(tasks)]
+    for m in order:
+        cells = []
+        for t in tasks:
+            x = acc["tasks"][t]["methods"].get(m)
+            cells.append("" if x is None else (f"{x['mean']:.1f}" if m == "frozen" else f"{x['mean']:.1f} ± {x['std']:.1f}"))
+        tp = next((acc["tasks"][t]["methods"][m]["trainable_params"] for t in tasks if m in acc["tasks"][t]["methods"]), None)
+        out.append(f"| {label[m]} | {_fmt(tp, ',')} | " + " | ".join(cells) + " |")
+    out.append("| cache − in-loop, paired by seed (pt) | | " + " | ".join(
+        f"{acc['tasks'][t]['cache_vs_inloop_delta_pt']['mean']:+.2f}" for t in tasks) + " |")
+    return out + [""]
+
+
+def tables(gpu, store, cpu, acc, sweeps) -> str:
     out = []
+    if acc and acc["tasks"]:
+        out += accuracy_table(acc)
     if gpu:
-        out += [f"GPU: {gpu['device']}, torch {gpu['versions']['torch']}, transformers {gpu['versions']['transformers']}; "
-                f"batch {gpu['config']['batch']}, {gpu['config']['src_len']} source + {gpu['config']['tgt_len']} target "
-                f"tokens; `{gpu['command']}`", "",
+        cmds = sorted({r.get("command", gpu["command"]) for r in gpu["results"]})
+        out += [f"GPU memory and step time ({gpu['device']}, torch {gpu['versions']['torch']}, transformers "
+                f"{gpu['versions']['transformers']}; random-init T5 shapes, batch {gpu['config']['batch']}, "
+                f"{gpu['config']['src_len']} source + {gpu['config']['tgt_len']} target tokens; "
+                + "; ".join(f"`{c}`" for c in cmds) + "):", "",
                 "| model | dtype | method | peak memory (GiB) | step (s) | tokens/s | trainable params |",
                 "|---|---|---|---:|---:|---:|---:|"]
-        for r in gpu["results"]:
-            mem = "OOM" if r.get("oom") else f"{r['peak_memory_gb']:.2f}"
-            st = "" if r.get("oom") else f"{r['step_time_s']:.3f}"
-            tps = "" if r.get("oom") else f"{r['tokens_per_s']:,.0f}"
-            tp = "" if r.get("oom") else f"{r['trainable_params']:,}"
-            out.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {mem} | {st} | {tps} | {tp} |")
+        order = ["full_ft", "lora", "prompt_tuning", "ia3", "selective", "lst_inloop", "lst_cache", "stage_one_forward"]
+        rows = sorted(gpu["results"], key=lambda r: (["t5-base", "t5-large", "t5-3b"].index(r["model"]), r["dtype"],
+                                                     order.index(r["method"]) if r["method"] in order else 99))
+        for r in rows:
+            oom = r.get("oom")
+            out.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {'OOM' if oom else _fmt(r['peak_memory_gb'], '.2f')} | "
+                       f"{'' if oom else _fmt(r['step_time_s'], '.3f')} | {'' if oom else _fmt(r['tokens_per_s'], ',.0f')} | "
+                       f"{'' if oom else _fmt(r['trainable_params'], ',')} |")
+        out.append("")
+    if cpu:
+        b = cpu["config"]["batch"]
+        out += [f"CPU memory and step time ({cpu['device']}, {cpu['cpu_count']} cores, torch {cpu['versions']['torch']}; "
+                f"minilm: batch {b['minilm'][0]} x {b['minilm'][1]} tokens, t5-small: batch {b['t5-small'][0]} x "
+                f"({b['t5-small'][1]} + {b['t5-small'][2]}) tokens; one process per method; `{cpu['command']}`):", "",
+                "| model | method | peak RSS (MB) | above start (MB) | step (s) | tokens/s | trainable params |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for r in cpu["results"]:
+            if "error" in r:
+                out.append(f"| {r['model']} | {r['method']} | error: {r['error']} | | | | |")
+                continue
+            out.append(f"| {r['model']} | {r['method']} | {r['peak_rss_mb']:,.0f} | {r['peak_above_start_mb']:,.0f} | "
+                       f"{r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['trainable_params']:,} |")
+        out.append("")
+    if any(sweeps.values()):
+        out += ["End-to-end sweep (real stage CLIs, real MiniLM + rt-snippets, 4 learning rates; every process timed "
+                "from outside):", "",
+                "| device | examples x epochs | stage one (s) | 4 x stage two from cache (s) | 4 x in-loop LST (s) | speedup | "
+                "stage-two peak memory, cache / in-loop (MB) |", "|---|---|---:|---:|---:|---:|---:|"]
+        for k, v in sweeps.items():
+            if not v:
+                continue
+            c = [r for r in v["runs"] if r["feed"] == "cache"]
+            i = [r for r in v["runs"] if r["feed"] == "backbone"]
+            n = v["config"]["examples"] or "all"
+            out.append(f"| {v['device']} | {n} x {v['config']['epochs']} | {v['stage_one_wall_s']:.0f} | "
+                       f"{sum(r['wall_s'] for r in c):.0f} | {v['inloop_total_s']:.0f} | {v['sweep_speedup_vs_inloop']:.2f}x | "
+                       f"{max(r['peak_memory_mb'] for r in c):,.0f} / {max(r['peak_memory_mb'] for r in i):,.0f} "
+                       f"({c[0]['peak_memory_kind']}) |")
         out.append("")
     if store:
-        out += [f"Store (CPU, real MiniLM over {store['config']['examples']} rt-snippets, {store['tokens']} tokens; "
-                f"`{store['command']}`): forward alone {store['forward_only_tokens_per_s']:.0f} tokens/s", "",
+        out += [f"Store size per codec (CPU, real MiniLM over {store['config']['examples']} rt-snippets, {store['tokens']} "
+                f"tokens; `{store['command']}`): forward alone {store['forward_only_tokens_per_s']:.0f} tokens/s", "",
                 "| codec/dtype | bytes/token/layer | x vs raw fp16 | x vs padded fp16 | rel. error | stage one tokens/s | reader batches/s |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for k, v in store["codecs"].items():
