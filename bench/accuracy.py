@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -247,16 +246,11 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="smoke runs only: cache N examples per split")
     ap.add_argument("--epochs", type=int, default=0, help="smoke runs only: override the epochs per task")
     a = ap.parse_args()
-    import torch
-    import transformers
+    from bench.machine import describe
 
     seeds = [int(s) for s in a.seeds.split(",")]
     dev = _device(a.device)
-    run_info = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]),
-                "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
-                "machine": platform.node(), "cpu_count": os.cpu_count(),
-                "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
-                             "transformers": transformers.__version__},
+    run_info = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]), **describe(dev),
                 "config": {**vars(a), "lr_grid": LR_GRID, "batch_size": BATCH, "r": R, "lst_variants": LST_VARIANTS}}
     out = Path(a.out)
     # tasks may run in separate invocations (or machines): each task keeps its own run info

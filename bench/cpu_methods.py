@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import gpu_t5  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from bench.baselines import ENCODER_METHODS, T5_METHODS, build_encoder, loss_encoder  # noqa: E402
 
 LST = ("lst_inloop", "lst_cache_fp16", "lst_cache_int8", "lst_cache_bitround", "stage_one_forward")
@@ -122,12 +121,8 @@ def main():
         model, method = a.one.split(":")
         print(json.dumps(one(model, method, a.warmup, a.steps)))
         return
-    import transformers
-
-    res = {"command": " ".join(["python -m bench.cpu_methods"] + sys.argv[1:]),
-           "device": _cpu_name(), "machine": platform.node(), "cpu_count": os.cpu_count(),
+    res = {"command": " ".join(["python -m bench.cpu_methods"] + sys.argv[1:]), **describe(torch.device("cpu")),
            "torch_threads": torch.get_num_threads(),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "config": {**vars(a), "batch": BATCH}, "memory": "peak RSS of a fresh process per method; "
            "peak_above_start_mb subtracts the RSS after imports and batch creation", "results": []}
     for model in a.models.split(","):
@@ -143,16 +138,6 @@ def main():
             print(json.dumps(row), flush=True)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

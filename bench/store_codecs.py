@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import describe
 from pipeline import backbone as bbm
 from pipeline import cache
 from pipeline.config import CacheConfig
@@ -43,9 +43,8 @@ def main():
         bbm.forward_states(bb, ids, mask, names)
     fwd = time.perf_counter() - t0
     tokens = sum(len(s) for s in enc.src_ids)
-    res = {"command": "python -m bench.store_codecs " + " ".join(sys.argv[1:]), "machine": platform.processor() or
-           platform.machine(), "cpus": torch.get_num_threads(), "versions": {"torch": torch.__version__},
-           "config": vars(a), "tokens": tokens, "forward_only_tokens_per_s": tokens / fwd, "codecs": {}}
+    res = {"command": "python -m bench.store_codecs " + " ".join(sys.argv[1:]), **describe(torch.device("cpu")),
+           "cpus": torch.get_num_threads(), "config": vars(a), "tokens": tokens, "forward_only_tokens_per_s": tokens / fwd, "codecs": {}}
     ref = None
     for codec, dtype in (("none", "fp16"), ("zstd", "fp16"), ("blosc", "fp16"), ("zstd", "bf16"), ("int8", "fp16"),
                          ("bitround", "fp16")):

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import describe  # noqa: E402
 
 
 def timed_run(cmd: list[str]) -> float:
@@ -66,13 +63,7 @@ def main():
             print(json.dumps(runs[-1]), flush=True)
     inloop = sum(r["wall_s"] for r in runs if r["feed"] == "backbone")
     cached = t_stage_one + sum(r["wall_s"] for r in runs if r["feed"] == "cache")
-    import transformers
-
-    res = {"command": " ".join(["python -m bench.sweep"] + sys.argv[1:]),
-           "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor() or platform.machine(),
-           "machine": platform.node(), "cpu_count": os.cpu_count(),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-           "config": vars(a), "stage_one_wall_s": t_stage_one, "runs": runs,
+    res = {"command": " ".join(["python -m bench.sweep"] + sys.argv[1:]), **describe(dev), "config": vars(a), "stage_one_wall_s": t_stage_one, "runs": runs,
            "inloop_total_s": inloop, "cache_total_s": cached, "sweep_speedup_vs_inloop": inloop / cached,
            "same_losses": all(abs(c["final_train_loss"] - b["final_train_loss"]) < 1e-2 for c, b in
                               zip([r for r in runs if r["feed"] == "cache"], [r for r in runs if r["feed"] == "backbone"]))}

@@ -112,3 +112,21 @@ def test_peft_baselines_train_only_their_own_parameters(method, marker):
     ids, mask = _batch()
     loss_encoder(model, ids, mask, torch.tensor([0, 1, 1])).backward()
     assert all(p.grad is not None for p in params)
+
+
+def test_accuracy_suite_pairs_cache_and_inloop_by_seed_and_reports_mean_and_std():
+    from bench.accuracy import aggregate
+
+    def row(method, seed, acc):
+        return {"method": method, "seed": seed, "lr": 1e-3, "trainable_params": 10, "test": {"accuracy": acc}}
+
+    rows = [row("lst_cache", 0, 0.80), row("lst_cache", 1, 0.82), row("lst_cache", 2, 0.84),
+            row("lst_inloop", 0, 0.79), row("lst_inloop", 2, 0.85),  # seed 1 missing: not paired
+            row("full_ft", 0, 0.90), row("full_ft", 1, 0.90), row("full_ft", 2, 0.93)]
+    out = aggregate("rt-sentiment", rows, {"accuracy": 0.7})
+    assert out["headline_metric"] == "accuracy"
+    assert out["cache_vs_inloop_delta_pt"]["per_seed"] == pytest.approx([1.0, -1.0])
+    assert out["methods"]["lst_cache"]["mean"] == pytest.approx(82.0)
+    assert out["methods"]["lst_cache"]["std"] == pytest.approx(2.0)
+    assert out["lst_vs_full_ft_delta_pt"] == pytest.approx(82.0 - 91.0)
+    assert out["methods"]["frozen"]["mean"] == pytest.approx(70.0)

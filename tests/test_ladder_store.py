@@ -183,6 +183,31 @@ def test_reader_batches_are_whole_examples_shuffled_per_epoch(tiny_bert, toy_tas
     assert n_batches == len(range(0, store.n, 10))
 
 
+def test_a_split_that_fits_in_ram_is_read_once_and_streamed_groups_give_the_same_examples(tiny_bert, toy_task,
+                                                                                          tmp_path, monkeypatch):
+    _, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"], dtype="fp32")
+    store = LadderStore(paths[0])
+    calls = []
+    real = store.load_group
+    monkeypatch.setattr(store, "load_group", lambda *a: calls.append(a) or real(*a))
+
+    def epoch_rows(budget_mb, epoch):
+        rows = {}
+        for b in store.batches(["src_01"], 7, shuffle=True, seed=1, epoch=epoch, ram_budget_mb=budget_mb):
+            for j, n in enumerate(b.src_mask.sum(1).tolist()):
+                rows[tuple(b.src_ids[j, :n].tolist())] = b.states["src_01"][j, :n].clone()
+        return rows
+
+    resident = [epoch_rows(4096, e) for e in range(3)]
+    assert len(calls) == 1  # three epochs, one read from disk
+    tiny_budget = 1e-6  # one example per group: streamed from disk every epoch
+    streamed = epoch_rows(tiny_budget, 0)
+    assert len(calls) > 1 + store.n // 2
+    assert resident[0].keys() == streamed.keys() == resident[2].keys()
+    for k, v in streamed.items():
+        assert torch.equal(v, resident[0][k])
+
+
 # ---------------------------------------------------------------- bad input via the CLI
 
 def run_cli(args, tmp_path):

@@ -1,0 +1,26 @@
+"""What every result file records about where it ran."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": name, "machine": platform.node(), "cpu_count": os.cpu_count(),
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}}
