@@ -7,7 +7,8 @@ Shapes (random weights: values change neither memory nor time):
 
 Methods: full_ft, lora, prompt_tuning, ia3, bitfit (BERT only: T5 has no biases), selective (token-
 selective, k=32), lst_inloop (side net + live frozen backbone), lst_cache_fp16 / _int8 / _bitround
-(side net fed from rows held encoded as the store reader holds them, decoded each step), and
+(side net fed from rows held encoded as the store reader holds them, decoded each step),
+lst_cache_selective (the side net's own token-selective option, k=32, fed bf16 rows), and
 stage_one_forward (the frozen forward that stage one runs once per example).
 
 Memory on CPU: peak resident set size of the method's process (ru_maxrss), and that peak minus the
@@ -32,7 +33,8 @@ from bench import gpu_t5  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from bench.baselines import ENCODER_METHODS, T5_METHODS, build_encoder, loss_encoder  # noqa: E402
 
-LST = ("lst_inloop", "lst_cache_fp16", "lst_cache_int8", "lst_cache_bitround", "stage_one_forward")
+LST = ("lst_inloop", "lst_cache_fp16", "lst_cache_int8", "lst_cache_bitround", "lst_cache_selective",
+       "stage_one_forward")
 METHODS = {"minilm": ENCODER_METHODS + LST, "t5-small": T5_METHODS + LST}
 BATCH = {"minilm": (16, 128, 0), "t5-small": (8, 128, 4)}  # B, source, target tokens
 
@@ -67,7 +69,8 @@ def run_encoder(method: str, B: int, S: int, warmup: int, steps: int) -> dict:
             opt.zero_grad(set_to_none=True)
         trainable = sum(p.numel() for p in params)
     else:
-        spec = spec_from_config(cfg, 8, None, "ladder", "classification", 2, [], 0.1)
+        spec = spec_from_config(cfg, 8, None, "ladder", "classification", 2, [], 0.1,
+                                gpu_t5.SIDE_SELECT_K.get(method, 0))
         names = spec.state_names(SRC)
         if method in ("lst_inloop", "stage_one_forward"):
             bert = BertModel(cfg).eval().requires_grad_(False)

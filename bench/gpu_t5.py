@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.baselines import PROMPT_TOKENS, T5_METHODS, build_t5, loss_t5  # noqa: E402
+from bench.baselines import PROMPT_TOKENS, SELECTIVE_K, T5_METHODS, build_t5, loss_t5  # noqa: E402
 from pipeline.side import LadderBatch, SideNetwork, spec_from_config  # noqa: E402
 
 SHAPES = {  # d_model, d_ff, d_kv, heads, layers; paper's kept side layers (supplement Table 2)
@@ -99,9 +99,9 @@ def capture(model, layers):
     return out, hs
 
 
-def side_for(name, dtype, dev="cuda"):
+def side_for(name, dtype, dev="cuda", select_k=0):
     d, ff, kv, h, n, layers = SHAPES[name]
-    spec = spec_from_config(t5_config(name), 8, layers, "ladder", "classification", CAND, [0] * CAND, 0.1)
+    spec = spec_from_config(t5_config(name), 8, layers, "ladder", "classification", CAND, [0] * CAND, 0.1, select_k)
     frozen = {"embed": torch.randn(32128, d, device=dev).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)}
     return SideNetwork(spec, frozen).to(dev), spec
 
@@ -109,7 +109,8 @@ def side_for(name, dtype, dev="cuda"):
 # LST from the cache: None = states already decoded to bf16 in (pinned) host memory, copied to the device
 # each step; (dtype, codec) = rows held encoded as the store's reader holds a RAM group, decoded each step
 CACHE_CODECS = {"lst_cache": None, "lst_cache_fp16": ("fp16", "zstd"), "lst_cache_int8": ("fp16", "int8"),
-                "lst_cache_bitround": ("fp16", "bitround")}
+                "lst_cache_bitround": ("fp16", "bitround"), "lst_cache_selective": None}
+SIDE_SELECT_K = {"lst_cache_selective": SELECTIVE_K}  # the side net's own token-selective option
 
 
 def cache_feed(shapes: dict, d: int, codec, dev):
@@ -150,7 +151,7 @@ def run_method(method, name, dtype, B, S, U, warmup, steps, dev="cuda"):
         trainable = sum(p.numel() for p in params)
     elif method in ("lst_inloop", "stage_one_forward") or method in CACHE_CODECS:
         layers = SHAPES[name][5]
-        side, spec = side_for(name, dtype, dev)
+        side, spec = side_for(name, dtype, dev, SIDE_SELECT_K.get(method, 0))
         side.train()
         trainable = side.trainable_parameters()
         params = [p for p in side.parameters() if p.requires_grad]
@@ -194,7 +195,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="t5-base,t5-large,t5-3b")
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--methods", default="full_ft,lora,prompt_tuning,ia3,selective,lst_inloop,lst_cache,stage_one_forward")
+    ap.add_argument("--methods", default="full_ft,lora,prompt_tuning,ia3,selective,lst_inloop,lst_cache,"
+                                         "lst_cache_selective,stage_one_forward")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--src-len", type=int, default=128)
     ap.add_argument("--tgt-len", type=int, default=4)

@@ -16,19 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def select_positions(mask: torch.Tensor, k: int, generator: torch.Generator | None = None):
-    """(B, k'+1) distinct positions per row: position 0, then up to k random valid positions, filled
-    with padding positions when a row is short; and (B, k'+1) bool, True where the position is a real
-    token. k' = min(k, T - 1), so k >= T - 1 selects everything (plain full fine-tuning)."""
-    B, T = mask.shape
-    kk = min(k, T - 1)
-    noise = torch.rand(B, T, generator=generator, device="cpu").to(mask.device)
-    # sort key: first token first, then valid tokens in random order, then padding
-    key = noise + (~mask).float() * 2.0
-    key[:, 0] = -1.0
-    sel = key.argsort(dim=1)[:, : kk + 1]
-    return sel, mask.gather(1, sel)
+from pipeline.side import select_positions  # shared with the side network's select_k option
 
 
 def _heads(x, H):

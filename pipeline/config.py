@@ -152,6 +152,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of init, shuffling and dropout.")
     limit: int = _f(0, "Train on the first N cached examples only (0 = all).")
     feed: str = _f("cache", "cache (ours) or backbone (in-loop LST over the same examples).")
+    select_k: int = _f(0, "Token-selective training of the side net: gradients through k random source positions "
+                          "plus the first (0 = every position). T5 and encoder side nets.")
     resume: bool = _f(False, "Continue from the last epoch checkpoint in --out.")
     device: str = _f("auto", "auto|cpu|cuda.")
     max_length: int = _f(64, "Token limit for --feed backbone (must equal the cache's).")

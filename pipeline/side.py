@@ -63,6 +63,7 @@ class SideSpec:
     tie_scale: bool = True  # T5 tied head: scale the final hidden state by d_model^-0.5
     verbalizer_ids: list[int] = field(default_factory=list)  # decoder-only: first token of each verbalizer
     dropout: float = 0.1
+    select_k: int = 0  # token-selective training: gradients through k random source positions (+ the first)
 
     def __post_init__(self):
         for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
@@ -76,6 +77,11 @@ class SideSpec:
         self.layers = sorted(int(k) for k in self.layers)
         if self.variant == "late_fusion" and self.n_layers - 1 not in self.layers:
             raise ConfigError(f"layers: late_fusion needs the last backbone layer ({self.n_layers - 1}) kept")
+        if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "no_ladder")):
+            raise ConfigError("select_k: token-selective training is built for the ladder and no_ladder variants of "
+                              f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")
+        if self.select_k < 0:
+            raise ConfigError(f"select_k: must be 0 (off) or a positive number of positions, got {self.select_k}")
 
     @property
     def side_d(self) -> int:
@@ -168,6 +174,24 @@ class Attention(nn.Module):
                                            scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hs))  # (B, T, d)
 
+    def selective(self, x_sel, x_all, sel, bias_sel):
+        """Self-attention output at the selected positions only: their queries attend to every
+        position, whose keys/values enter as constants except the selected ones' (token-selective
+        training). x_sel (B, k, d) carries grad; x_all (B, T, d) is the no-grad input of every position."""
+        B, k, _ = x_sel.shape
+
+        def heads(t):
+            return t.view(B, t.shape[1], self.h, self.hs).transpose(1, 2)
+
+        with torch.no_grad():
+            k_all, v_all = heads(self.k(x_all)), heads(self.v(x_all))
+        idx = sel[:, None, :, None].expand(-1, self.h, -1, self.hs)
+        kk = k_all.scatter(2, idx, heads(self.k(x_sel)))
+        vv = v_all.scatter(2, idx, heads(self.v(x_sel)))
+        y = F.scaled_dot_product_attention(heads(self.q(x_sel)), kk, vv, attn_mask=bias_sel.to(x_sel.dtype),
+                                           scale=self.scale)
+        return self.o(y.transpose(1, 2).reshape(B, k, self.h * self.hs))
+
 
 class FeedForward(nn.Module):
     """relu/gelu: wo(act(wi x)); gated-gelu (T5 v1.1) and silu (Llama SwiGLU): wo(act(wi_0 x) * wi_1 x)."""
@@ -214,6 +238,16 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
+        return x + self.drop(self.ff(self.norm_ff(x)))
+
+    def selective(self, x_sel, x_all, sel, bias_sel):
+        """forward() at the selected positions (bidirectional self-attention blocks only)."""
+        if self.post_norm:
+            x = self.norm_attn(x_sel + self.drop(self.attn.selective(x_sel, x_all, sel, bias_sel)))
+            return self.norm_ff(x + self.drop(self.ff(x)))
+        with torch.no_grad():
+            n_all = self.norm_attn(x_all)
+        x = x_sel + self.drop(self.attn.selective(self.norm_attn(x_sel), n_all, sel, bias_sel))
         return x + self.drop(self.ff(self.norm_ff(x)))
 
 
@@ -275,6 +309,50 @@ class SideStack(nn.Module):
             else:
                 x = x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
         return self.final_norm(x) if self.final_norm is not None else x
+
+    def selective(self, emb, ladders: list, bias, sel):
+        """Token-selective forward: (B, k, d/r) outputs at the selected positions, with gradients, and
+        (B, T, d/r) outputs of every position, without. Each block runs twice: once for all positions
+        under no_grad, once for the selected ones; only the latter's activations are kept."""
+        def rows(t):
+            return t.gather(1, sel[..., None].expand(-1, -1, t.shape[-1]))
+
+        H = self.blocks[0].attn.h
+        full = bias.expand(sel.shape[0], H, bias.shape[-1], bias.shape[-1])
+        bias_sel = full.gather(2, sel[:, None, :, None].expand(-1, H, -1, bias.shape[-1]))
+        emb = emb.to(self.first_down.weight.dtype)
+        x_sel = self.first_down(rows(emb))
+        with torch.no_grad():
+            x_all = self.first_down(emb)
+        mu = self.gates() if hasattr(self, "alpha") else None
+        for j, blk in enumerate(self.blocks):
+            with torch.no_grad():
+                nxt = blk(x_all, bias)
+            x_sel, x_all = blk.selective(x_sel, x_all, sel, bias_sel), nxt
+            if not self.uses_ladders:
+                continue
+            h = ladders[j].to(x_sel.dtype)
+            x_sel = mu[j] * x_sel + (1 - mu[j]) * self.downs[j](rows(h))
+            with torch.no_grad():
+                x_all = mu[j] * x_all + (1 - mu[j]) * self.downs[j](h)
+        if self.final_norm is None:
+            return x_sel, x_all
+        with torch.no_grad():
+            x_all = self.final_norm(x_all)
+        return self.final_norm(x_sel), x_all
+
+
+def select_positions(mask: torch.Tensor, k: int, generator: torch.Generator | None = None):
+    """(B, k'+1) distinct positions per row: position 0, then up to k random real tokens, filled with
+    padding positions when a row is short; and (B, k'+1) bool, True where the position is a real token.
+    k' = min(k, T - 1), so k >= T - 1 selects every position (plain training)."""
+    B, T = mask.shape
+    kk = min(k, T - 1)
+    noise = torch.rand(B, T, generator=generator).to(mask.device)
+    key = noise + (~mask).float() * 2.0  # real tokens in random order, then padding
+    key[:, 0] = -1.0  # always the first token ([CLS] / T5's first source token)
+    sel = key.argsort(dim=1)[:, : kk + 1]
+    return sel, mask.gather(1, sel)
 
 
 # ---------------------------------------------------------------- masks and T5 position bias
@@ -390,9 +468,17 @@ class SideNetwork(nn.Module):
             bias = pad_bias(mask) + causal_bias(ids.shape[1], ids.device)
         else:
             bias = pad_bias(mask)
-        x = self.src(emb, ladders, bias)  # (B, T, d/r)
+        selective = self.training and s.select_k > 0
+        if selective:  # token-selective training: only k source positions keep activations for backward
+            sel, sel_mask = select_positions(mask, s.select_k)
+            x_sel, x = self.src.selective(emb, ladders, bias, sel)
+            if s.family == "t5":  # the side decoder sees every position; only the selected carry grad
+                x = x.scatter(1, sel[..., None].expand(-1, -1, x.shape[-1]), x_sel)
+        else:
+            x = self.src(emb, ladders, bias)  # (B, T, d/r)
 
         if s.family == "encoder":
+            x, mask = (x_sel, sel_mask) if selective else (x, mask)  # training pools the selected positions
             h = self.up(x)  # (B, T, d)
             if s.variant == "late_fusion":
                 h = self._late(h, batch.states, SRC)
@@ -479,7 +565,7 @@ class LadderBatch:
 
 
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
-                     verbalizer_ids=(), dropout: float = 0.1) -> SideSpec:
+                     verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0) -> SideSpec:
     """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral)."""
     from pipeline.layout import family_of
 
@@ -510,4 +596,4 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
     return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
                     num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
                     vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids), dropout=dropout,
-                    **base)
+                    select_k=select_k, **base)

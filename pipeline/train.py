@@ -87,7 +87,7 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
     hf_cfg = bbm.load_config(cfg.backbone)
     verb = [int(c[0]) for c in train.cand] if fp["family"] == "decoder" else []
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, fp["task_kind"], int(fp["num_labels"]),
-                            verb, cfg.dropout)
+                            verb, cfg.dropout, cfg.select_k)
     if spec.family != fp["family"]:
         raise ConfigError(f"backbone: {cfg.backbone} is {spec.family}, the cache {train.path} holds {fp['family']} states")
     names = sorted({n for st in spec.stacks for n in spec.state_names(st)})

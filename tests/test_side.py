@@ -204,3 +204,64 @@ def test_encoder_and_decoder_shapes_build_on_meta(kind, kw):
 
         out = net(LadderBatch(ids, torch.ones(2, 5, dtype=torch.bool), states, torch.zeros(2)))
     assert out.scores.shape == (2, 2)
+
+
+def _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k):
+    backbone = backbone_for(family, tiny_bert, tiny_t5, None)
+    cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
+    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    net = side_for(backbone, toy_task, store=store)
+    net.spec.select_k = select_k
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    return store, net, names
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_token_selective_side_net_with_every_position_selected_equals_plain_training(family, tiny_bert, tiny_t5,
+                                                                                    toy_task, tmp_path):
+    store, net, names = _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k=0)
+    batch = next(iter(store.batches(names, 8, shuffle=True, seed=2)))
+    net.train()  # dropout is 0: train mode only switches the selective path on
+    out = {}
+    for k in (0, batch.src_ids.shape[1]):
+        net.spec.select_k = k
+        net.zero_grad()
+        loss = net(batch).loss
+        loss.backward()
+        out[k] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    (l0, g0), (l1, g1) = out.values()
+    assert torch.allclose(l0, l1, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_token_selective_side_net_keeps_the_full_forward_values_at_selected_positions(family, tiny_bert, tiny_t5,
+                                                                                     toy_task, tmp_path):
+    from pipeline.side import pad_bias, select_positions
+
+    store, net, names = _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k=2)
+    batch = next(iter(store.batches(names, 8, shuffle=False)))
+    emb, ladders = net._ladders(batch.states, SRC)
+    if emb is None:
+        emb = net._embed(batch.src_ids)
+    T = batch.src_ids.shape[1]
+    bias = pad_bias(batch.src_mask)
+    if family == "t5":
+        bias = bias + net._rel_bias(net.rel_src, T, T, True, bias.device)
+    sel, valid = select_positions(batch.src_mask, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = net.src(emb, ladders, bias)
+        x_sel, x_all = net.src.selective(emb, ladders, bias, sel)
+    want = full.gather(1, sel[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(x_sel[valid], want[valid], atol=1e-5)
+    assert torch.allclose(x_all[batch.src_mask], full[batch.src_mask], atol=1e-5)
+    net.train()
+    assert torch.isfinite(net(batch).loss)  # the selective training path runs end to end
+
+
+def test_token_selective_side_net_is_refused_where_it_is_not_built(tiny_llama):
+    cfg = bbm.load_config(tiny_llama)
+    with pytest.raises(ConfigError, match="select_k"):
+        spec_from_config(cfg, 4, None, "ladder", "classification", 2, [5, 6], select_k=4)
