@@ -371,20 +371,16 @@ class LadderStore:
         groups = self.groups(n, names, ram_budget_mb)
         if shuffle:
             groups = [groups[i] for i in rng.permutation(len(groups))]
-        if len(groups) == 1:  # the split fits: read and decompress it once, keep it for later epochs
-            key = (n, tuple(names))
-            if self._resident is None or self._resident[0] != key:
-                self._resident = (key, self.load_group(0, n, names))
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            for b in range(0, n, batch_size):
-                yield self.make_batch(order[b:b + batch_size], self._resident[1], 0, names, all_candidates)
-            return
-        pool = ThreadPoolExecutor(1) if prefetch else None
+        resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
+        pool = ThreadPoolExecutor(1) if prefetch and not resident else None
         load = (lambda g: pool.submit(self.load_group, g[0], g[1], names)) if pool else None
         try:
             pending = load(groups[0]) if pool else None
             for gi, (e0, e1) in enumerate(groups):
-                data = pending.result() if pool else self.load_group(e0, e1, names)
+                if resident:
+                    data = self._resident_group(n, names)
+                else:
+                    data = pending.result() if pool else self.load_group(e0, e1, names)
                 if pool and gi + 1 < len(groups):
                     pending = load(groups[gi + 1])
                 order = np.arange(e0, e1)
@@ -395,6 +391,12 @@ class LadderStore:
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+    def _resident_group(self, n: int, names: list[str]) -> dict[str, tuple]:
+        key = (n, tuple(names))
+        if self._resident is None or self._resident[0] != key:
+            self._resident = (key, self.load_group(0, n, names))
+        return self._resident[1]
 
     def make_batch(self, idx: np.ndarray, data: dict, e0: int, names: list[str], all_candidates: bool):
         from pipeline.backbone import decoder_inputs, pad
