@@ -192,15 +192,23 @@ def decoder_inputs(cands: list[np.ndarray], start_id: int, pad_id: int = 0):
 
 # ---------------------------------------------------------------- capturing states
 
-def state_names_for(bb: Backbone, layers) -> list[str]:
-    keep = list(range(bb.n_layers)) if layers is None else list(layers)
-    bad = [k for k in keep if not 0 <= k < bb.n_layers]
-    if bad:
-        raise BackboneError(f"layers: {bad} out of range; {bb.name} has {bb.n_layers} layers (0..{bb.n_layers - 1})")
+def state_names_for(bb: Backbone, layers, decoder_layers="same") -> list[str]:
+    """Stored states: the embedding output (encoder-only), the kept source layers and, for T5, the kept
+    decoder layers (`decoder_layers` "same": the source list; None: every layer)."""
+    def keep(value, field_name):
+        ks = list(range(bb.n_layers)) if value is None else list(value)
+        bad = [k for k in ks if not 0 <= k < bb.n_layers]
+        if bad:
+            raise BackboneError(f"{field_name}: {bad} out of range; {bb.name} has {bb.n_layers} layers "
+                                f"(0..{bb.n_layers - 1})")
+        return ks
+
+    src = keep(layers, "layers")
     names = [state_name(SRC, EMB)] if stores_embedding(bb.family) else []
-    names += [state_name(SRC, k) for k in keep]
+    names += [state_name(SRC, k) for k in src]
     if bb.family == "t5":
-        names += [state_name(TGT, k) for k in keep]
+        tgt = src if decoder_layers == "same" else keep(decoder_layers, "decoder_layers")
+        names += [state_name(TGT, k) for k in tgt]
     return names
 
 

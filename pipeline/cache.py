@@ -32,8 +32,9 @@ def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
     return {
         "format_version": ls.FORMAT_VERSION, "backbone": bb.name, "backbone_sha256": bb.sha256,
         "tokenizer": bb.tokenizer_id, "max_length": int(cfg.max_length), "task": task.name, "split": split,
-        "content_hash": content_hash(examples), "layers": cfg.layers if cfg.layers == "all" else
-        ",".join(map(str, cfg.layer_list)), "dtype": dtype, "codec": cfg.codec, "limit": int(cfg.limit),
+        "content_hash": content_hash(examples), "layers": _layers_key(cfg.layer_list),
+        "decoder_layers": "same" if cfg.decoder_layer_list == "same" else _layers_key(cfg.decoder_layer_list),
+        "dtype": dtype, "codec": cfg.codec, "limit": int(cfg.limit),
         "seed": int(cfg.seed), "family": bb.family, "n_layers": bb.n_layers, "d_model": _width(bb),
         "task_kind": task.kind, "num_labels": task.num_labels, "regression_bins": task.regression_bins,
         "decoder_start_token_id": int(getattr(bb.config, "decoder_start_token_id", 0) or 0),
@@ -42,13 +43,17 @@ def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
     }
 
 
+def _layers_key(layers) -> str:
+    return "all" if layers is None else ",".join(map(str, layers))
+
+
 def _width(bb: Backbone) -> int:
     return int(getattr(bb.config, "d_model", None) or bb.config.hidden_size)
 
 
 def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print) -> Path:
     enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
-    names = state_names_for(bb, cfg.layer_list)
+    names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list)
     dtype = resolve_dtype(cfg, bb)
     n = len(examples)
     lengths = np.array([len(s) for s in enc.src_ids])

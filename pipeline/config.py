@@ -18,7 +18,9 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 CODECS = ("zstd", "none", "blosc", "int8", "bitround")
 INITS = ("fisher", "magnitude", "random")
 FEEDS = ("cache", "backbone")
-VARIANTS = ("ladder", "no_ladder", "late_fusion", "adapter", "cross_attention")
+VARIANTS = ("ladder", "fuse_after", "no_ladder", "late_fusion", "adapter", "cross_attention")
+VARIANT_HELP = ("ladder (LST) | fuse_after (ablation: ladder fused after its side block) | no_ladder (network "
+                "compression) | late_fusion (Side-Tuning) | adapter | cross_attention (paper ablations).")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,6 +45,13 @@ def parse_layers(value) -> tuple[int, ...] | None:
     return layers
 
 
+def parse_decoder_layers(value) -> tuple[int, ...] | None | str:
+    """T5 side decoder layers: 'same' (the encoder's list), else as parse_layers (None = every layer)."""
+    if value in (None, "same"):
+        return "same"
+    return parse_layers(value)
+
+
 def _check_choice(name: str, value, choices):
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -56,7 +65,8 @@ class CacheConfig:
     task: str = _f("rt-sentiment", "Task name (see `python -m stages.tasks`), or csv:/json:/parquet: path spec.")
     splits: list = _f(["train", "validation", "test"], "Splits to cache (repeat --splits).", multiple=True)
     max_length: int = _f(64, "Truncate inputs to this many tokens.")
-    layers: str = _f("all", "Backbone layers to store, 0-based, e.g. '1,2,3,5' (same list for encoder and decoder), or 'all'.")
+    layers: str = _f("all", "Backbone layers to store, 0-based, e.g. '1,2,3,5', or 'all' (T5: the encoder's).")
+    decoder_layers: str = _f("same", "T5 decoder layers to store: 'same' (as --layers), 'all' or a list.")
     dtype: str = _f("auto", "Stored dtype: auto (bf16 if the backbone ran in bf16, else fp16), fp32, fp16, bf16.")
     codec: str = _f("zstd", "zstd|blosc|none (lossless) or int8|bitround (lossy, opt-in).")
     batch_size: int = _f(64, "Examples per backbone forward pass.")
@@ -90,10 +100,15 @@ class CacheConfig:
         if not self.splits:
             raise ConfigError("splits: give at least one split name")
         parse_layers(self.layers)  # validates
+        parse_decoder_layers(self.decoder_layers)
 
     @property
     def layer_list(self) -> tuple[int, ...] | None:
         return parse_layers(self.layers)
+
+    @property
+    def decoder_layer_list(self) -> tuple[int, ...] | None | str:
+        return parse_decoder_layers(self.decoder_layers)
 
 
 @dataclass
@@ -103,9 +118,10 @@ class PruneConfig:
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
     task: str = _f("rt-sentiment", "Task whose training examples estimate the Fisher information.")
     r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.")
-    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'.")
+    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all' (T5: the side encoder's).")
+    decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
     init: str = _f("fisher", "fisher|magnitude|random.")
-    variant: str = _f("ladder", "ladder|no_ladder|late_fusion|adapter|cross_attention (paper ablations).")
+    variant: str = _f("ladder", VARIANT_HELP)
     fisher_samples: int = _f(256, "Training examples N of the empirical Fisher.")
     batch_size: int = _f(16, "Examples per backward pass while estimating Fisher.")
     max_length: int = _f(64, "Truncate inputs to this many tokens.")
@@ -123,10 +139,15 @@ class PruneConfig:
         if int(self.fisher_samples) < 1:
             raise ConfigError(f"fisher_samples: must be >= 1, got {self.fisher_samples}")
         parse_layers(self.layers)
+        parse_decoder_layers(self.decoder_layers)
 
     @property
     def layer_list(self):
         return parse_layers(self.layers)
+
+    @property
+    def decoder_layer_list(self):
+        return parse_decoder_layers(self.decoder_layers)
 
 
 @dataclass
@@ -140,15 +161,23 @@ class TrainConfig:
     r: int = _f(8, "Reduction factor r.")
     init: str = _f("magnitude", "fisher|magnitude|random. fisher needs --side-init from prune_init.")
     side_init: str = _f("", "side_init.safetensors from the prune_init stage ('' = build here).")
-    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'; must be stored in the cache.")
-    variant: str = _f("ladder", "ladder|no_ladder|late_fusion|adapter|cross_attention.")
+    layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'; must be stored in the cache "
+                            "(T5: the side encoder's).")
+    decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
+    variant: str = _f("ladder", VARIANT_HELP)
     epochs: int = _f(10, "Epochs (paper: 10, 20 on small sets).")
     lr: float = _f(3e-3, "Peak learning rate (paper: 3e-3 for LST).")
     batch_size: int = _f(100, "Examples per step (paper: 100).")
     warmup_steps: int = _f(500, "Linear warmup steps, capped at 10% of all steps for short runs.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     grad_clip: float = _f(1.0, "Max gradient norm.")
-    dropout: float = _f(0.1, "Dropout inside the side network.")
+    dropout: float = _f(0.1, "Side-net dropout on each residual branch (official side net: T5's dropout_rate, 0.1).")
+    attn_dropout: float = _f(0.1, "Side-net dropout on attention probabilities (official: 0.1).")
+    ff_dropout: float = _f(0.1, "Side-net dropout inside the feed-forward, after the activation (official: 0.1).")
+    emb_dropout: float = _f(0.1, "Dropout on the embedding output before the first ladder (official: 0.1).")
+    final_dropout: float = _f(0.1, "Dropout after the side stack's final norm (official: 0.1).")
+    backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
+                                       "see its dropout as in the official code (cached states never do).")
     seed: int = _f(0, "Seed of init, shuffling and dropout.")
     limit: int = _f(0, "Train on the first N cached examples only (0 = all).")
     feed: str = _f("cache", "cache (ours) or backbone (in-loop LST over the same examples).")
@@ -170,11 +199,26 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not float(self.lr) > 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.backbone_dropout and self.feed != "backbone":
+            raise ConfigError("backbone_dropout: only with --feed backbone (a cache holds dropout-free states)")
         parse_layers(self.layers)
+        parse_decoder_layers(self.decoder_layers)
 
     @property
     def layer_list(self):
         return parse_layers(self.layers)
+
+    @property
+    def decoder_layer_list(self):
+        return parse_decoder_layers(self.decoder_layers)
+
+    @property
+    def dropouts(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout",
+                                                     "final_dropout")}
 
 
 @dataclass

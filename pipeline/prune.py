@@ -1,17 +1,27 @@
 """Structural init of the side network from the backbone (paper sec. 3.3), and empirical Fisher.
 
 For each weight W (d_out x d_in) with importance I (I = W for magnitude, I = mean over N examples of
-(d log p(y|x) / dW)^2 for Fisher), rows are scored by sum_j |I_ij| and the top d_out / r are kept;
-the next weight keeps the matching input columns.
+(d log p(y|x) / dW)^2 for Fisher), rows are scored by sum_j |I_ij| (an L1 norm) and the top d_out / r are
+kept; the next weight keeps the matching input columns.
 
-Unlike the official code, which lets every sublayer pick its own residual indices, one set R of
-d_model / r residual-stream dimensions is chosen for the whole network (scored by the rows of every
-matrix that writes into the residual stream: attention outputs and FF outputs, all kept layers,
-both T5 stacks). A residual stream is a sum over layers; if each sublayer kept different dimensions,
-the pruned sublayers would add into misaligned coordinates. Within a layer, each attention head keeps
-its own top d_kv / r dimensions (rows of q, k, v) and each FF its top d_ff / r units (rows of wi).
+Where the index choice differs from the official code, and why. The official `pruning_v2`
+(ylsung/Ladder-Side-Tuning, seq2seq/pruning/pruning_methods.py, `pruning_without_residual`, version 2)
+walks one chain through the whole T5: embedding columns, then for each block [q, k, v] (columns by the
+previous indices, rows by the L1 of the elementwise PRODUCT of the three importances, chosen globally over
+all heads), then o (rows chosen afresh), the next layer norm by o's indices, then wi, wo, and so on. So
+(1) every sublayer picks its own residual-stream dimensions: block j's attention output writes into the
+coordinates o_j picked while the next sublayer reads the ones wo_{j-1} picked. A residual stream is a sum
+over layers; with different coordinates per sublayer the pruned sublayers add into misaligned dimensions.
+Here one set R of d_model / r residual dimensions serves the whole side net, scored by the rows of every
+matrix that writes into the residual stream (attention outputs, cross-attention outputs and FF outputs of
+every kept layer, both T5 stacks). (2) Attention rows: the official global top rows of q*k*v can leave a
+head with more or fewer than d_kv / r dimensions, which breaks the side net's head layout (n_heads heads of
+d_kv / r each); here each head keeps its own top d_kv / r dimensions, scored by the SUM of the q, k and v
+row scores (a product of importances is dominated by whichever of the three is near zero). Each FF keeps
+its top d_ff / r units (rows of wi; of wi_0 + wi_1 when gated).
 Decoder-only models share one set of head dimensions across heads, chosen in rotate-half pairs so
 rotary position embedding still rotates matching coordinates, and kv heads (GQA) use the same set.
+Only kept layers are pruned (layer dropping, sec. 3.4); the T5 decoder may keep its own list.
 
 Fisher needs gradients through the backbone, so it runs where the backbone lives (prune_init stage).
 """
@@ -97,14 +107,14 @@ def select_indices(spec: SideSpec, imp: dict[str, torch.Tensor]) -> dict:
     d, hs = spec.d_model, spec.d_kv
     res = torch.zeros(d)
     for stack in spec.stacks:
-        for k in spec.layers:
+        for k in spec.layers_of(stack):
             m = layer_map(spec, stack, k)
             for key in ("attn.o.weight", "ff.wo.weight", "cross.o.weight"):
                 if key in m:
                     res += _rowscore(imp[m[key]])
     out = {"R": _top(res, spec.side_d)}
     for stack in spec.stacks:
-        for k in spec.layers:
+        for k in spec.layers_of(stack):
             m = layer_map(spec, stack, k)
             for part in ("attn", "cross"):
                 if f"{part}.q.weight" not in m:
@@ -151,7 +161,7 @@ def pruned_state(spec: SideSpec, weights: dict[str, torch.Tensor], importance: d
     idx = select_indices(spec, importance)
     sd = {}
     for stack in spec.stacks:
-        for j, k in enumerate(spec.layers):
+        for j, k in enumerate(spec.layers_of(stack)):
             for name, key in layer_map(spec, stack, k).items():
                 sd[f"{stack}.blocks.{j}.{name}"] = _slice(name, weights[key].float(), idx, stack, k).clone()
         fn = {"t5": f"{'encoder' if stack == SRC else 'decoder'}.final_layer_norm.weight",
@@ -279,13 +289,14 @@ def fisher_importance(bb, batches, kind: str = "classification") -> tuple[dict[s
 
 # ---------------------------------------------------------------- side_init files
 
-INIT_FIELDS = ("backbone", "backbone_sha256", "family", "r", "layers", "variant", "d_model")
+INIT_FIELDS = ("backbone", "backbone_sha256", "family", "r", "layers", "decoder_layers", "variant", "d_model")
 
 
 def init_fingerprint(spec: SideSpec, backbone: str, sha: str, init: str, n: int) -> dict:
+    dec = "same" if spec.dec_layers is None else ",".join(map(str, spec.dec_layers))
     return {"backbone": backbone, "backbone_sha256": sha, "family": spec.family, "r": spec.r,
-            "layers": ",".join(map(str, spec.layers)), "variant": spec.variant, "d_model": spec.d_model,
-            "init": init, "fisher_samples": n}
+            "layers": ",".join(map(str, spec.layers)), "decoder_layers": dec, "variant": spec.variant,
+            "d_model": spec.d_model, "init": init, "fisher_samples": n}
 
 
 def build_side(spec: SideSpec, frozen, init: str, seed: int, weights=None, importance=None) -> SideNetwork:

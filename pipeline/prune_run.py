@@ -37,7 +37,8 @@ def run(cfg: PruneConfig, log=print) -> str:
         bb = bbm.load_backbone(cfg.backbone, cfg.device, for_grad=cfg.init == "fisher")
         if bb.family == "decoder":
             verb = [int(c[0]) for c in bbm.encode(task, [], bb.tokenizer, bb.family, cfg.max_length, ).cand_ids]
-    spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, task.kind, task.num_labels, verb)
+    spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, task.kind, task.num_labels, verb,
+                            dec_layers=cfg.decoder_layer_list)
     frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.variant)
     weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init != "random" else None
     importance, n = None, 0

@@ -2,15 +2,37 @@
 
 Data flow for one stack (shapes for batch B, tokens T, backbone width d, side width d/r):
 
-    side = down_0(embedding output)                       # (B, T, d/r)  the first ladder
-    for j, k in enumerate(kept_layers):
-        side = block_j(side)                              # side block j runs beside backbone block k
-        side = mu_j * side + (1 - mu_j) * down_{j+1}(h_k) # gated ladder, mu_j = sigmoid(alpha_j / T)
-    side = final_norm(side)                               # T5 / decoder-only (BERT layers end in a LayerNorm)
+    side = down_0(dropout(embedding output))                # (B, T, d/r)  the first ladder
+    for j, k in enumerate(kept_layers):                     # k: backbone block index
+        side = mu_j * side + (1 - mu_j) * down_{j+1}(h_k)   # gated ladder, mu_j = sigmoid(alpha_j / T)
+        side = block_j(side)                                # side block j runs beside backbone block k
+    side = dropout(final_norm(side))                        # T5 / decoder-only (BERT layers end in a LayerNorm)
 
 then `up` (d/r -> d) into the frozen LM head (T5, decoder-only) or a trainable task head (encoder-only).
-The order block-then-fuse and mu weighting the side branch follow the official code; alpha is
-zero-initialized (mu = 0.5) and T = 0.1 (paper sec. 3.2).
+h_k is the output of backbone block k (before any final layer norm). The ladder is fused BEFORE the side
+block, so every kept backbone state, the top one included, passes through at least one side block; this is
+the official code's default (ylsung/Ladder-Side-Tuning, seq2seq/third_party/models/t5/modeling_side_t5.py,
+`T5Stack.forward`, branch `add_residual_after=False`, used by every script of the paper) and the paper's
+"the i-th transformer layer of the side network combines the activation of the backbone h_i and the
+activation of the previous layer of the side network" (sec. 3.2). mu weights the side branch, alpha is
+zero-initialized (mu = 0.5) and T = 0.1, as there.
+
+Variants (paper sec. 5, Fig. 8, and the supplement's side-design ablation):
+    ladder           the above (default)
+    fuse_after       ablation only: block first, ladder after (the official `add_residual_after=True`); the
+                     top backbone state then reaches the head through one linear map and no side block
+    no_ladder        network compression: the pruned side net over the embeddings, no backbone states
+    late_fusion      Side-Tuning (official `side_tuning.sh`: use_gate "one" + merge_last): the side net over the
+                     embeddings with no ladders, then up(side) mixed with the backbone's final state by a learned
+                     gate g = sigmoid(alpha / T), alpha zero-init: g * up(side) + (1 - g) * final_norm(h_last)
+    adapter          bottleneck blocks instead of transformer blocks (ladders fused before each, as above)
+    cross_attention  each ladder enters by a cross-attention from the side state instead of a gate
+
+Dropout sites are the official side net's (T5's `dropout_rate`, 0.1, at each): the embedding output before
+the first ladder, attention probabilities, inside the feed-forward, each residual branch, and after the final
+norm. The cached backbone states themselves are dropout-free (stage one runs the backbone in eval mode);
+the official code runs the frozen backbone in train mode, so its ladders see backbone dropout.
+`train_side --feed backbone --backbone-dropout` reproduces that for comparison.
 
 The side network sees the backbone only through `states`: a dict name -> (B, T, d) tensor. Stage two
 fills it from the ladder store; in-loop LST fills it from a live frozen backbone under no_grad. The
@@ -47,7 +69,7 @@ class SideSpec:
     d_kv: int
     d_ff: int
     n_layers: int  # backbone layers per stack
-    layers: list[int]  # kept side layers, 0-based backbone layer indices
+    layers: list[int]  # kept side layers, 0-based backbone layer indices (T5: the encoder's)
     r: int = 8
     variant: str = "ladder"
     kind: str = "classification"  # or regression
@@ -62,22 +84,38 @@ class SideSpec:
     rope_theta: float = 10000.0
     tie_scale: bool = True  # T5 tied head: scale the final hidden state by d_model^-0.5
     verbalizer_ids: list[int] = field(default_factory=list)  # decoder-only: first token of each verbalizer
-    dropout: float = 0.1
+    dropout: float = 0.1  # each residual branch (T5 dropout_rate = 0.1, official side net)
     select_k: int = 0  # token-selective training: gradients through k random source positions (+ the first)
+    dec_layers: list[int] | None = None  # T5 side decoder's kept layers (None: the same as `layers`)
+    attn_dropout: float = 0.1  # attention probabilities
+    ff_dropout: float = 0.1  # inside the feed-forward, after the activation
+    emb_dropout: float = 0.1  # embedding output, before the first ladder
+    final_dropout: float = 0.1  # after the side stack's final norm
 
     def __post_init__(self):
         for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
             if size % self.r:
                 raise ConfigError(f"r: {self.r} does not divide the backbone's {name} ({size}); pick r dividing it")
-        bad = [k for k in self.layers if not 0 <= k < self.n_layers]
-        if bad:
-            raise ConfigError(f"layers: {bad} out of range for a backbone with {self.n_layers} layers (0..{self.n_layers - 1})")
-        if not self.layers:
-            raise ConfigError("layers: keep at least one side layer")
-        self.layers = sorted(int(k) for k in self.layers)
-        if self.variant == "late_fusion" and self.n_layers - 1 not in self.layers:
-            raise ConfigError(f"layers: late_fusion needs the last backbone layer ({self.n_layers - 1}) kept")
-        if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "no_ladder")):
+        if self.dec_layers is not None and self.family != "t5":
+            raise ConfigError(f"decoder_layers: only T5 has a side decoder; {self.family} side nets take `layers` only")
+        for name in ("layers", "dec_layers"):
+            keep = getattr(self, name)
+            if keep is None:
+                continue
+            field_name = "decoder_layers" if name == "dec_layers" else "layers"
+            bad = [k for k in keep if not 0 <= k < self.n_layers]
+            if bad:
+                raise ConfigError(f"{field_name}: {bad} out of range for a backbone with {self.n_layers} layers "
+                                  f"(0..{self.n_layers - 1})")
+            if not keep:
+                raise ConfigError(f"{field_name}: keep at least one side layer")
+            setattr(self, name, sorted(int(k) for k in keep))
+        if self.dec_layers == self.layers:
+            self.dec_layers = None  # one list for both stacks: the common case keeps one spelling
+        for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "fuse_after", "no_ladder")):
             raise ConfigError("select_k: token-selective training is built for the ladder and no_ladder variants of "
                               f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")
         if self.select_k < 0:
@@ -99,14 +137,27 @@ class SideSpec:
     def stacks(self) -> tuple[str, ...]:
         return (SRC, TGT) if self.family == "t5" else (SRC,)
 
+    def layers_of(self, stack: str) -> list[int]:
+        """Kept backbone layers of one stack (the T5 decoder may keep its own list)."""
+        return self.dec_layers if stack == TGT and self.dec_layers is not None else self.layers
+
+    @property
+    def uses_ladders(self) -> bool:
+        return self.variant not in ("no_ladder", "late_fusion")
+
+    @property
+    def late_stack(self) -> str:
+        """The stack whose final backbone state late fusion mixes in: the one that feeds the head."""
+        return TGT if self.family == "t5" else SRC
+
     def state_names(self, stack: str) -> list[str]:
-        """Backbone states this side net reads from the store, in ladder order."""
+        """Backbone states this side net reads from the store, in ladder order (only what it uses)."""
         first = [state_name(stack, EMB)] if self.family == "encoder" else []
-        if self.variant in ("no_ladder",):
+        if self.variant == "no_ladder":
             return first
         if self.variant == "late_fusion":
-            return first + [state_name(stack, self.n_layers - 1)]
-        return first + [state_name(stack, k) for k in self.layers]
+            return first + ([state_name(stack, self.n_layers - 1)] if stack == self.late_stack else [])
+        return first + [state_name(stack, k) for k in self.layers_of(stack)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -147,7 +198,7 @@ def rope(x, theta: float):
 
 class Attention(nn.Module):
     def __init__(self, d: int, n_heads: int, hs: int, bias: bool, out_bias: bool, n_kv_heads: int = 0,
-                 scale: float | None = None):
+                 scale: float | None = None, dropout: float = 0.0):
         super().__init__()
         self.h, self.hkv, self.hs = n_heads, n_kv_heads or n_heads, hs
         self.q = nn.Linear(d, n_heads * hs, bias=bias)
@@ -155,6 +206,10 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, self.hkv * hs, bias=bias)
         self.o = nn.Linear(n_heads * hs, d, bias=out_bias)
         self.scale = scale
+        self.dropout = dropout  # on the attention probabilities (T5Attention / BertSelfAttention do the same)
+
+    def _p(self) -> float:
+        return self.dropout if self.training else 0.0
 
     def forward(self, x, kv=None, bias=None, rope_theta: float | None = None):
         B, T, _ = x.shape
@@ -168,10 +223,8 @@ class Attention(nn.Module):
         if self.hkv != self.h:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
-        # no dropout on attention probabilities: it forces SDPA's slow path and, on 2 CPU cores, took a
-        # third of the side net's step time (measured with torch.profiler); residual dropout remains
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                           scale=self.scale)
+                                           dropout_p=self._p(), scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hs))  # (B, T, d)
 
     def selective(self, x_sel, x_all, sel, bias_sel):
@@ -189,15 +242,16 @@ class Attention(nn.Module):
         kk = k_all.scatter(2, idx, heads(self.k(x_sel)))
         vv = v_all.scatter(2, idx, heads(self.v(x_sel)))
         y = F.scaled_dot_product_attention(heads(self.q(x_sel)), kk, vv, attn_mask=bias_sel.to(x_sel.dtype),
-                                           scale=self.scale)
+                                           dropout_p=self._p(), scale=self.scale)
         return self.o(y.transpose(1, 2).reshape(B, k, self.h * self.hs))
 
 
 class FeedForward(nn.Module):
     """relu/gelu: wo(act(wi x)); gated-gelu (T5 v1.1) and silu (Llama SwiGLU): wo(act(wi_0 x) * wi_1 x)."""
 
-    def __init__(self, d: int, d_ff: int, act: str, bias: bool):
+    def __init__(self, d: int, d_ff: int, act: str, bias: bool, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)  # after the activation, as T5DenseReluDense / T5DenseGatedGeluDense
         self.gated = act in ("gated-gelu", "silu")
         if self.gated:
             self.wi_0, self.wi_1 = nn.Linear(d, d_ff, bias=bias), nn.Linear(d, d_ff, bias=bias)
@@ -209,7 +263,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h)
+        return self.wo(self.drop(h))
 
 
 class Block(nn.Module):
@@ -222,11 +276,12 @@ class Block(nn.Module):
         self.post_norm = f == "encoder"
         scale = 1.0 if f == "t5" else None  # T5 folds 1/sqrt(d_kv) into its weights
         bias = f == "encoder"
-        self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.n_kv_heads, scale)
+        self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.n_kv_heads, scale,
+                              spec.attn_dropout)
         self.norm_attn = make_norm(spec, d)
-        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, 0, scale) if cross else None
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, 0, scale, spec.attn_dropout) if cross else None
         self.norm_cross = make_norm(spec, d) if cross else None
-        self.ff = FeedForward(d, spec.side_ff, spec.act, bias)
+        self.ff = FeedForward(d, spec.side_ff, spec.act, bias, spec.ff_dropout)
         self.norm_ff = make_norm(spec, d)
         self.drop = nn.Dropout(spec.dropout)
         self.rope_theta = spec.rope_theta if f == "decoder" else None
@@ -260,8 +315,8 @@ class AdapterBlock(nn.Module):
         d = spec.side_d
         self.norm_ff = make_norm(spec, d)
         self.ff = FeedForward(d, spec.side_ff, "gelu" if spec.act.startswith("gated") else
-                              ("relu" if spec.act == "relu" else "gelu"), True)
-        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False) if cross else None
+                              ("relu" if spec.act == "relu" else "gelu"), True, spec.ff_dropout)
+        self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, 0, None, spec.attn_dropout) if cross else None
         self.norm_cross = make_norm(spec, d) if cross else None
         self.drop = nn.Dropout(spec.dropout)
 
@@ -274,41 +329,48 @@ class AdapterBlock(nn.Module):
 class SideStack(nn.Module):
     """Side blocks for one backbone stack, with their ladders and gates."""
 
-    def __init__(self, spec: SideSpec, cross: bool):
+    def __init__(self, spec: SideSpec, stack: str, cross: bool):
         super().__init__()
         self.spec = spec
-        n, d, ds = len(spec.layers), spec.d_model, spec.side_d
+        n, d, ds = len(spec.layers_of(stack)), spec.d_model, spec.side_d
         block = AdapterBlock if spec.variant == "adapter" else Block
         self.blocks = nn.ModuleList([block(spec, cross) for _ in range(n)])
+        self.emb_drop = nn.Dropout(spec.emb_dropout)
         self.first_down = nn.Linear(d, ds)  # ladder of the embedding output
-        self.uses_ladders = spec.variant in ("ladder", "adapter", "cross_attention")
+        self.uses_ladders = spec.uses_ladders
+        self.fuse_after = spec.variant == "fuse_after"
         if self.uses_ladders:
             self.downs = nn.ModuleList([nn.Linear(d, ds) for _ in range(n)])  # Linear with bias, as the official code
-        if spec.variant in ("ladder", "adapter"):
+        if spec.variant in ("ladder", "fuse_after", "adapter"):
             self.alpha = nn.Parameter(torch.zeros(n))  # mu = sigmoid(0 / T) = 0.5 at init
         if spec.variant == "cross_attention":
             self.ladder_attn = nn.ModuleList(
-                [Attention(ds, spec.n_heads, spec.side_kv, False, False) for _ in range(n)])
+                [Attention(ds, spec.n_heads, spec.side_kv, False, False, 0, None, spec.attn_dropout) for _ in range(n)])
             self.ladder_norm = nn.ModuleList([make_norm(spec, ds) for _ in range(n)])
         self.final_norm = make_norm(spec, ds) if spec.family != "encoder" else None
+        self.final_drop = nn.Dropout(spec.final_dropout)
 
     def gates(self):
         return torch.sigmoid(self.alpha / GATE_T)
 
+    def fuse(self, j: int, x, ladder, bias, mu=None):
+        """Side state x (B, T, d/r) combined with ladder j, the backbone state (B, T, d) it reads."""
+        h = self.downs[j](ladder.to(x.dtype))  # (B, T, d/r)
+        if mu is not None:
+            return mu[j] * x + (1 - mu[j]) * h
+        return x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
+
     def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None):
         """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states."""
-        x = self.first_down(emb.to(self.first_down.weight.dtype))  # (B, T, d/r)
+        x = self.first_down(self.emb_drop(emb.to(self.first_down.weight.dtype)))  # (B, T, d/r)
         mu = self.gates() if hasattr(self, "alpha") else None
         for j, blk in enumerate(self.blocks):
+            if self.uses_ladders and not self.fuse_after:
+                x = self.fuse(j, x, ladders[j], bias, mu)  # ladder first, then the block (official order)
             x = blk(x, bias, enc, enc_bias)
-            if not self.uses_ladders:
-                continue
-            h = self.downs[j](ladders[j].to(x.dtype))  # (B, T, d/r)
-            if mu is not None:
-                x = mu[j] * x + (1 - mu[j]) * h
-            else:
-                x = x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
-        return self.final_norm(x) if self.final_norm is not None else x
+            if self.fuse_after:
+                x = self.fuse(j, x, ladders[j], bias, mu)
+        return self.final_drop(self.final_norm(x) if self.final_norm is not None else x)
 
     def selective(self, emb, ladders: list, bias, sel):
         """Token-selective forward: (B, k, d/r) outputs at the selected positions, with gradients, and
@@ -320,26 +382,32 @@ class SideStack(nn.Module):
         H = self.blocks[0].attn.h
         full = bias.expand(sel.shape[0], H, bias.shape[-1], bias.shape[-1])
         bias_sel = full.gather(2, sel[:, None, :, None].expand(-1, H, -1, bias.shape[-1]))
-        emb = emb.to(self.first_down.weight.dtype)
+        emb = self.emb_drop(emb.to(self.first_down.weight.dtype))
         x_sel = self.first_down(rows(emb))
         with torch.no_grad():
             x_all = self.first_down(emb)
         mu = self.gates() if hasattr(self, "alpha") else None
-        for j, blk in enumerate(self.blocks):
-            with torch.no_grad():
-                nxt = blk(x_all, bias)
-            x_sel, x_all = blk.selective(x_sel, x_all, sel, bias_sel), nxt
-            if not self.uses_ladders:
-                continue
+
+        def fuse(j):
+            nonlocal x_sel, x_all
             h = ladders[j].to(x_sel.dtype)
             x_sel = mu[j] * x_sel + (1 - mu[j]) * self.downs[j](rows(h))
             with torch.no_grad():
                 x_all = mu[j] * x_all + (1 - mu[j]) * self.downs[j](h)
-        if self.final_norm is None:
-            return x_sel, x_all
-        with torch.no_grad():
-            x_all = self.final_norm(x_all)
-        return self.final_norm(x_sel), x_all
+
+        for j, blk in enumerate(self.blocks):
+            if self.uses_ladders and not self.fuse_after:
+                fuse(j)
+            with torch.no_grad():
+                nxt = blk(x_all, bias)
+            x_sel, x_all = blk.selective(x_sel, x_all, sel, bias_sel), nxt
+            if self.fuse_after:
+                fuse(j)
+        if self.final_norm is not None:
+            with torch.no_grad():
+                x_all = self.final_norm(x_all)
+            x_sel = self.final_norm(x_sel)
+        return self.final_drop(x_sel), x_all
 
 
 def select_positions(mask: torch.Tensor, k: int, generator: torch.Generator | None = None):
@@ -395,16 +463,18 @@ class SideNetwork(nn.Module):
 
     frozen: {"embed": (V, d)} for T5 / decoder-only (input embeddings, also the tied LM head),
             {"lm_head": (V, d)} when the head is untied, {"final_norm_src"/"final_norm_tgt": (d,)}
-            for late fusion on T5 / decoder-only.
+            (the backbone's final norm of the stack that feeds the head) for late fusion on T5 / decoder-only.
     """
 
     def __init__(self, spec: SideSpec, frozen: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.spec = spec
         frozen = frozen or {}
-        self.src = SideStack(spec, cross=False)
-        self.tgt = SideStack(spec, cross=True) if spec.family == "t5" else None
+        self.src = SideStack(spec, SRC, cross=False)
+        self.tgt = SideStack(spec, TGT, cross=True) if spec.family == "t5" else None
         self.up = nn.Linear(spec.side_d, spec.d_model)
+        if spec.variant == "late_fusion":  # official merge_last gate: g = sigmoid(0 / T) = 0.5 at init
+            self.late_alpha = nn.Parameter(torch.zeros(1))
         if spec.family == "t5":
             self.rel_src = nn.Embedding(spec.rel_buckets, spec.n_heads)  # copied unpruned from the backbone
             self.rel_tgt = nn.Embedding(spec.rel_buckets, spec.n_heads)
@@ -420,7 +490,7 @@ class SideNetwork(nn.Module):
         s = self.spec
         req = [] if s.family == "encoder" else ["embed"]
         if s.variant == "late_fusion" and s.family != "encoder":
-            req += [f"final_norm_{st}" for st in s.stacks]
+            req.append(f"final_norm_{s.late_stack}")
         return req
 
     def trainable_parameters(self) -> int:
@@ -442,13 +512,19 @@ class SideNetwork(nn.Module):
             return got[0], got[1:]
         return None, got
 
-    def _late(self, x_up, states, stack):
-        """Side-Tuning's late fusion: add the backbone's final (normed) state to the side output."""
-        h = states[state_name(stack, self.spec.n_layers - 1)].to(x_up.dtype)
+    def _late(self, x_up, h_last):
+        """Side-Tuning's late fusion (official `merge_last`): g * up(side) + (1 - g) * the backbone's final
+        state, g = sigmoid(alpha / T). T5 / decoder-only: the final state is after the backbone's own final
+        RMSNorm (HF's last_hidden_state); BERT's last block already ends in a LayerNorm."""
+        h = h_last.to(x_up.dtype)
         if self.spec.family != "encoder":
-            w = getattr(self, f"final_norm_{stack}")
+            w = getattr(self, f"final_norm_{self.spec.late_stack}")
             h = w * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)).to(h.dtype)
-        return x_up + h
+        g = torch.sigmoid(self.late_alpha / GATE_T)
+        return g * x_up + (1 - g) * h
+
+    def _last_state(self, states, stack):
+        return states[state_name(stack, self.spec.n_layers - 1)]
 
     def _lm_logits(self, x):
         if self.spec.tie_scale:
@@ -480,8 +556,8 @@ class SideNetwork(nn.Module):
         if s.family == "encoder":
             x, mask = (x_sel, sel_mask) if selective else (x, mask)  # training pools the selected positions
             h = self.up(x)  # (B, T, d)
-            if s.variant == "late_fusion":
-                h = self._late(h, batch.states, SRC)
+            if s.variant == "late_fusion":  # (select_k is refused for late fusion: every position is here)
+                h = self._late(h, self._last_state(batch.states, SRC))
             m = mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
             scores = self.head(pooled)  # (B, C) or (B, 1)
@@ -491,8 +567,8 @@ class SideNetwork(nn.Module):
             last = mask.long().sum(1) - 1  # right padding: last real token
             h = self.up(x[torch.arange(x.shape[0], device=x.device), last])  # (B, d)
             if s.variant == "late_fusion":
-                st = batch.states[state_name(SRC, s.n_layers - 1)]
-                h = self._late(h[:, None], {state_name(SRC, s.n_layers - 1): st[torch.arange(st.shape[0]), last][:, None]}, SRC)[:, 0]
+                h_last = self._last_state(batch.states, SRC)
+                h = self._late(h, h_last[torch.arange(h_last.shape[0], device=h.device), last])
             verb = torch.tensor(s.verbalizer_ids, device=h.device)
             logits = self._lm_logits(h)[:, verb]  # (B, C): classification by verbalizer tokens
             return SideOutput(self._head_loss(logits, batch.labels), logits)
@@ -507,7 +583,7 @@ class SideNetwork(nn.Module):
         y = self.tgt(self._embed(t_ids), t_ladders, t_bias, enc=enc, enc_bias=pad_bias(enc_mask))
         h = self.up(y)  # (N, U, d)
         if s.variant == "late_fusion":
-            h = self._late(h, batch.states, TGT)
+            h = self._late(h, self._last_state(batch.states, TGT))
         logits = self._lm_logits(h).float()  # (N, U, V)
         tok_nll = F.cross_entropy(logits.transpose(1, 2), batch.tgt_labels, ignore_index=-100, reduction="none")  # (N, U)
         loss = tok_nll.sum() / (batch.tgt_labels != -100).sum().clamp(min=1)
@@ -564,9 +640,16 @@ class LadderBatch:
         return n + (int(self.tgt_mask.sum()) if self.tgt_mask is not None else 0)
 
 
+DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")
+
+
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
-                     verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0) -> SideSpec:
-    """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral)."""
+                     verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0, dec_layers="same",
+                     **site_dropout) -> SideSpec:
+    """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
+    list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
+    is the rate at every dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
+    overrides one site."""
     from pipeline.layout import family_of
 
     family = family_of(cfg.model_type)
@@ -593,7 +676,14 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
                     rope_theta=float(getattr(cfg, "rope_theta", None) or
                                      (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     keep = list(range(n)) if layers is None else list(layers)
+    dec = None if dec_layers == "same" or family != "t5" and dec_layers is None else (
+        list(range(n)) if dec_layers is None else list(dec_layers))
+    unknown = set(site_dropout) - set(DROPOUT_SITES)
+    if unknown:
+        raise TypeError(f"spec_from_config: unknown dropout sites {sorted(unknown)}")
+    rates = {site: float(dropout) for site in DROPOUT_SITES}
+    rates.update({k: float(v) for k, v in site_dropout.items() if v is not None})
     return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
                     num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
-                    vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids), dropout=dropout,
-                    select_k=select_k, **base)
+                    vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids),
+                    select_k=select_k, dec_layers=dec, **rates, **base)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from pipeline import backbone as bbm
@@ -32,7 +33,7 @@ from pipeline.layout import SRC, TGT
 from pipeline.side import LadderBatch, SideNetwork, spec_from_config
 from pipeline.tasks import get_task
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"  # tensors + JSON metadata in one file: no pickle, written atomically
 SIDE_WEIGHTS = "side.safetensors"
 SIDE_CONFIG = "side_config.json"
 METRICS = "metrics.json"
@@ -52,10 +53,12 @@ class BackboneFeed:
         self.bb = bbm.load_backbone(cfg.backbone, cfg.device)
         if self.bb.sha256 != store.fingerprint["backbone_sha256"]:
             raise ConfigError(f"backbone: {cfg.backbone} is not the backbone the cache {store.path} was made with")
+        self.dropout = cfg.backbone_dropout  # official code: the frozen backbone runs in train mode
         self.cand = (bbm.decoder_inputs(store.cand, int(store.fingerprint["decoder_start_token_id"]))
                      if self.bb.family == "t5" else None)
 
-    def __call__(self, batch: LadderBatch, names: list[str]) -> LadderBatch:
+    def __call__(self, batch: LadderBatch, names: list[str], train: bool = False) -> LadderBatch:
+        self.bb.model.train(self.dropout and train)
         st = bbm.forward_states(self.bb, batch.src_ids, batch.src_mask, names, self.cand)
         states = {n: v.float() for n, v in st.items() if n.startswith(SRC)}
         if self.cand is not None:
@@ -87,7 +90,7 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
     hf_cfg = bbm.load_config(cfg.backbone)
     verb = [int(c[0]) for c in train.cand] if fp["family"] == "decoder" else []
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, fp["task_kind"], int(fp["num_labels"]),
-                            verb, cfg.dropout, cfg.select_k)
+                            verb, select_k=cfg.select_k, dec_layers=cfg.decoder_layer_list, **cfg.dropouts)
     if spec.family != fp["family"]:
         raise ConfigError(f"backbone: {cfg.backbone} is {spec.family}, the cache {train.path} holds {fp['family']} states")
     names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
@@ -118,7 +121,8 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
             setattr(net, name, buf.to(torch.bfloat16))
     net.to(device)
     feed = BackboneFeed(cfg, train) if cfg.feed == "backbone" else None
-    log(f"side network: {spec.family}, r={spec.r}, layers={spec.layers}, variant={spec.variant}, "
+    dec = f", decoder layers={spec.dec_layers}" if spec.dec_layers is not None else ""
+    log(f"side network: {spec.family}, r={spec.r}, layers={spec.layers}{dec}, variant={spec.variant}, "
         f"{net.trainable_parameters():,} trainable parameters, init={cfg.init}, feed={cfg.feed}, device={device}")
     return Setup(net, train, val, names, device, feed, init_fp)
 
@@ -138,8 +142,12 @@ def peak_memory_mb(device) -> tuple[float, str]:
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
+    """Train, evaluating on validation after every epoch. `side.safetensors` holds the epoch with the best
+    validation headline metric (the official code's load_best_model_at_end); the last epoch's state goes to
+    the resume checkpoint. Without a validation split the last epoch is kept."""
     s = setup(cfg, log)
     net, store, device = s.net, s.train, s.device
+    task = get_task(cfg.task)
     out = Path(cfg.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     n = min(store.n, cfg.limit) if cfg.limit else store.n
@@ -149,31 +157,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
-    curves, start_epoch = [], 0
+    state = {"curves": [], "epoch": -1, "best": None}  # best: {"epoch": e (1-based), "value": v}
     ckpt = out / CHECKPOINT
     if cfg.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != _resumable(cfg):
-            raise ConfigError(f"resume: {ckpt} was written by a different config; drop --resume or use another --out")
-        net.load_state_dict(state["net"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        curves, start_epoch = state["curves"], state["epoch"] + 1
+        state = load_checkpoint(ckpt, cfg, net, opt, sched)
         log(f"resuming after epoch {state['epoch'] + 1} of {cfg.epochs}")
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(cfg.seed) if start_epoch == 0 else None
+    torch.manual_seed(cfg.seed) if state["epoch"] < 0 else None
+    key = f"val_{task.metric}"
     tokens, train_time = 0, 0.0
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
         net.train()
         t0, ep_tokens, losses = time.perf_counter(), 0, []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
         for batch in store.batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True, seed=cfg.seed,
                                    epoch=epoch, limit=cfg.limit, ram_budget_mb=cfg.ram_budget_mb):
             if s.feed is not None:
-                batch = s.feed(batch, s.names)
+                batch = s.feed(batch, s.names, train=True)
             batch = batch.to(device)
             with amp:
                 loss = net(batch).loss
@@ -194,23 +196,76 @@ def train(cfg: TrainConfig, log=print) -> dict:
                "lr": sched.get_last_lr()[0]}
         if s.val is not None:
             row.update({f"val_{k}": v for k, v in evaluate_split(net, s.val, device, cfg, s.feed).items()})
-        curves.append(row)
+        state["curves"].append(row)
         log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        _write_curves(out / CURVES, curves)
-        with atomic_path(ckpt) as tmp:
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "epoch": epoch, "curves": curves, "config": _resumable(cfg)}, tmp)
+        _write_curves(out / CURVES, state["curves"])
+        improved = s.val is None or state["best"] is None or row[key] > state["best"]["value"]
+        if improved:  # ties keep the earlier epoch, as the HF Trainer's best-model tracking does
+            state["best"] = {"epoch": epoch + 1, "value": row.get(key)}
+            save_side(out, net, cfg, store, s.init_info)
+        state["epoch"] = epoch
+        save_checkpoint(ckpt, cfg, net, opt, sched, state)
         crash_point(KILL_ENV, epoch + 1)  # test hook: die like kill -9 right after this checkpoint
     peak, kind = peak_memory_mb(device)
-    save_side(out, net, cfg, store, s.init_info)
+    curves, best = state["curves"], state["best"]
     metrics = {"trainable_params": net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
                "train_tokens_per_s": (tokens / train_time) if train_time else None, "epochs": cfg.epochs,
                "seed": cfg.seed, "feed": cfg.feed, "init": cfg.init, "r": cfg.r, "variant": cfg.variant,
-               "train_examples": n, "final_train_loss": curves[-1]["train_loss"] if curves else None}
-    if curves and s.val is not None:
-        metrics.update({k: v for k, v in curves[-1].items() if k.startswith("val_")})
+               "train_examples": n, "final_train_loss": curves[-1]["train_loss"] if curves else None,
+               "best_epoch": best["epoch"], "selected_by": key if s.val is not None else "last epoch (no validation split)"}
+    if s.val is not None:
+        metrics.update({k: v for k, v in curves[best["epoch"] - 1].items() if k.startswith("val_")})
+        metrics[f"last_epoch_{key}"] = curves[-1][key]
     atomic_json(out / METRICS, metrics)
     return metrics
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict) -> None:
+    """Everything --resume needs in one safetensors file: tensors (side net, optimizer moments, RNG) and a
+    JSON metadata string (epoch, curves, best epoch, optimizer hyper-parameters, scheduler). No pickle, so a
+    file planted in --out cannot run code when it is read back."""
+    tensors = {f"net/{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    osd = opt.state_dict()
+    for i, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt/{i}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    meta = {"epoch": state["epoch"], "curves": state["curves"], "best": state["best"], "config": _resumable(cfg),
+            "param_groups": osd["param_groups"], "sched": {k: v for k, v in sched.state_dict().items()
+                                                           if k != "lr_lambdas"}}
+    with atomic_path(path) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {})["state"])
+        tensors = load_file(str(path))
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        raise ConfigError(f"resume: {path} is not a checkpoint this version wrote ({type(e).__name__}: {e}); "
+                          "delete it or use another --out") from None
+    if meta["config"] != _resumable(cfg):
+        diff = sorted(k for k in set(meta["config"]) | set(_resumable(cfg))
+                      if meta["config"].get(k) != _resumable(cfg).get(k))
+        raise ConfigError(f"resume: {path} was written by a different config (fields: {', '.join(diff)}); "
+                          "drop --resume or use another --out")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")}, strict=False)
+    opt_state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, i, name = k.split("/", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict({**meta["sched"], "lr_lambdas": [None] * len(meta["sched"]["base_lrs"])})
+    torch.set_rng_state(tensors["rng/cpu"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return {"epoch": meta["epoch"], "curves": meta["curves"], "best": meta["best"]}
 
 
 def _resumable(cfg: TrainConfig) -> dict:

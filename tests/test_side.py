@@ -134,7 +134,7 @@ def test_fisher_equals_brute_force_per_example_gradients(family, tiny_bert, tiny
     assert torch.allclose(imp[name], brute / 6, rtol=1e-4, atol=1e-10)
 
 
-@pytest.mark.parametrize("variant", ["no_ladder", "late_fusion", "adapter", "cross_attention"])
+@pytest.mark.parametrize("variant", ["fuse_after", "no_ladder", "late_fusion", "adapter", "cross_attention"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ablation_variants_train_a_step(variant, family, tiny_bert, tiny_t5, tiny_llama, toy_task, tmp_path):
     backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)

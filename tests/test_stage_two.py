@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -107,13 +108,60 @@ def test_resume_after_kill_9_continues_to_the_same_curve(cached):
     died = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, LADDER_CACHE_KILL_AFTER_EPOCH="1"),
                           capture_output=True, text=True)
     assert died.returncode == -9, died.stderr
-    assert not (tmp / "resumed" / "side.safetensors").exists()  # no final artifacts from a killed run
+    assert not (tmp / "resumed" / "metrics.json").exists()  # a killed run never reports metrics
     again = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "resuming after epoch 1" in again.stdout
     full, resumed = read_curves(tmp / "full" / "plots" / "curves.csv"), read_curves(tmp / "resumed" / "plots" / "curves.csv")
     key = lambda rows: [(r["epoch"], r["train_loss"], r["val_accuracy"]) for r in rows]  # noqa: E731
     assert key(full) == key(resumed)
+    # optimizer moments, scheduler, dropout RNG and the best-epoch record all survive the kill: same weights
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp / "full" / "side.safetensors")), load_file(str(tmp / "resumed" / "side.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp / d / "metrics.json").read_text()) for d in ("full", "resumed"))
+    assert ma["best_epoch"] == mb["best_epoch"]
+
+
+def test_best_validation_epoch_is_the_saved_side_net_and_is_recorded(cached):
+    bb, task, tmp = cached
+    ok(cli("train_side", train_args(bb, task, tmp, "run", "--epochs", "4", "--lr", "0.01")))
+    m = json.loads((tmp / "run" / "metrics.json").read_text())
+    curves = read_curves(tmp / "run" / "plots" / "curves.csv")
+    vals = [float(r["val_accuracy"]) for r in curves]
+    assert m["best_epoch"] == 1 + vals.index(max(vals))  # first epoch reaching the maximum
+    assert m["val_accuracy"] == pytest.approx(max(vals)) and m["last_epoch_val_accuracy"] == pytest.approx(vals[-1])
+    # the saved weights are that epoch's: scoring validation with them gives its accuracy again
+    from pipeline import evaluate as E
+    from pipeline.tasks import get_task
+    from pipeline.train import load_side
+
+    net, _ = load_side(tmp / "run")
+    val = LadderStore(tmp / "cache" / "validation.zarr")
+    pred = E.predictions(E.score_store(net, val, 64, "cpu"), "classification", [])
+    assert E.task_metrics("classification", pred, val.labels)["accuracy"] == pytest.approx(max(vals))
+    assert get_task(task).metric == "accuracy"
+
+
+def test_resume_never_unpickles_a_planted_checkpoint(cached):
+    import pickle
+
+    bb, task, tmp = cached
+    marker = tmp / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp / "run"
+    run.mkdir()
+    for name in ("checkpoint.safetensors", "checkpoint.pt"):
+        (run / name).write_bytes(pickle.dumps(Exploit()))
+    res = cli("train_side", train_args(bb, task, tmp, "run", "--resume"))
+    assert res.exit_code == 2 and "checkpoint.safetensors is not a checkpoint" in res.output, res.output
+    assert not marker.exists()
 
 
 def test_cache_feed_and_backbone_feed_reach_the_same_result(cached):
