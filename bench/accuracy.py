@@ -1,20 +1,23 @@
 """Accuracy suite on real offline tasks with the real MiniLM backbone, full splits, 3 seeds.
 
-Per task: stage one once per codec (fp16+zstd, int8, bitround), the Fisher side init once, then
+Per task: stage one once per codec (fp16+zstd, int8, bitround), the Fisher side inits once, then
 
     lst_cache      LST from the cache (ours), Fisher init, fp16 cache
     lst_inloop     the same runs with the backbone in the loop (--feed backbone), same seeds and lr
     lst_magnitude  / lst_random      init ablation (paper Fig. 7)
     lst_int8       / lst_bitround    codec ablation (lossy caches, train and test)
+    lst_fuse_after the ladder fused after its side block (the order this project had before the fix)
     full_ft, lora, selective         baselines on the backbone (bench/baselines.py)
     frozen         logistic regression on frozen mean-pooled features
 
 Learning rates: each trained method picks its lr from a small grid by validation score with seed 0
-(the LST variants use lst_cache's), then runs seeds 1 and 2 at that lr. Test scores are of the final
-epoch's weights. Jobs run in parallel processes (--jobs); each job's result is a JSON file under
---work, so an interrupted suite resumes where it stopped.
+(the LST variants use lst_cache's), then runs seeds 1 and 2 at that lr. Every trained method reports the
+test score of its best validation epoch (the official LST code's load_best_model_at_end; LST through
+train_side's best-epoch side.safetensors, the baselines by scoring validation and test after each epoch).
+Jobs run in parallel processes (--jobs); each job's result is a JSON file under --jobs-dir, so an
+interrupted suite resumes where it stopped, also on another machine when those files are copied along.
 
-    python -m bench.accuracy --tasks rt-sentiment,hedge-conll2010,bbc-topics --jobs 6
+    python -m bench.accuracy --tasks rt-sentiment,rt-rating,pang-lee,hedge-conll2010,bbc-topics --jobs 6
 """
 from __future__ import annotations
 
@@ -30,17 +33,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = {  # epochs: the paper's 10, 20 on small sets; max_length covers the task's texts
+TASKS = {  # epochs: the paper's 10, 20 on small sets (< 10k examples); max_length covers the task's texts
     "rt-sentiment": {"epochs": 10, "max_length": 64},
+    "rt-rating": {"epochs": 10, "max_length": 64},
+    "pang-lee": {"epochs": 20, "max_length": 64},
     "hedge-conll2010": {"epochs": 20, "max_length": 64},
     "bbc-topics": {"epochs": 20, "max_length": 256},
 }
 LR_GRID = {"lst_cache": [1e-3, 3e-3, 1e-2], "full_ft": [2e-5, 5e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3],
            "selective": [2e-5, 5e-5, 1e-4]}
-LST_VARIANTS = {  # method -> (init, codec, feed)
-    "lst_cache": ("fisher", "zstd", "cache"), "lst_inloop": ("fisher", "zstd", "backbone"),
-    "lst_magnitude": ("magnitude", "zstd", "cache"), "lst_random": ("random", "zstd", "cache"),
-    "lst_int8": ("fisher", "int8", "cache"), "lst_bitround": ("fisher", "bitround", "cache")}
+LST_VARIANTS = {  # method -> (init, codec, feed, side-net variant)
+    "lst_cache": ("fisher", "zstd", "cache", "ladder"), "lst_inloop": ("fisher", "zstd", "backbone", "ladder"),
+    "lst_magnitude": ("magnitude", "zstd", "cache", "ladder"), "lst_random": ("random", "zstd", "cache", "ladder"),
+    "lst_int8": ("fisher", "int8", "cache", "ladder"), "lst_bitround": ("fisher", "bitround", "cache", "ladder"),
+    "lst_fuse_after": ("fisher", "zstd", "cache", "fuse_after")}
 BATCH = 100  # paper
 R = 8
 
@@ -61,11 +67,13 @@ def prepare(task: str, a) -> dict:
         cache.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
                               out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
         paths[codec] = str(out)
-    init = work / "side_init_fisher.safetensors"
-    if not init.exists():
-        prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=R, init="fisher", max_length=t["max_length"],
-                                  out=str(init), data_dir=a.data_dir, device=a.device), log=print)
-    paths["fisher"] = str(init)
+    for variant in sorted({v[3] for v in LST_VARIANTS.values()}):  # an init file names its variant
+        init = work / f"side_init_fisher_{variant}.safetensors"
+        if not init.exists():
+            prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=R, init="fisher", variant=variant,
+                                      max_length=t["max_length"], out=str(init), data_dir=a.data_dir,
+                                      device=a.device), log=print)
+        paths[f"fisher_{variant}"] = str(init)
     return paths
 
 
@@ -83,9 +91,10 @@ def run_lst(job: dict) -> dict:
     from pipeline.ladder_store import LadderStore
     from pipeline.train import load_side, train
 
-    init, codec, feed = LST_VARIANTS[job["method"]]
+    init, codec, feed, variant = LST_VARIANTS[job["method"]]
     cfg = TrainConfig(task=job["task"], cache=job["paths"][codec], out=job["out"], backbone=job["backbone"], r=R,
-                      init=init, side_init=job["paths"]["fisher"] if init == "fisher" else "", epochs=job["epochs"],
+                      init=init, side_init=job["paths"][f"fisher_{variant}"] if init == "fisher" else "",
+                      variant=variant, epochs=job["epochs"],
                       lr=job["lr"], batch_size=BATCH, seed=job["seed"], feed=feed, device=job["device"],
                       max_length=job["max_length"], data_dir=job["data_dir"])
     m = train(cfg, log=_quiet)
@@ -97,9 +106,10 @@ def run_lst(job: dict) -> dict:
 
         feed_fn = BackboneFeed(cfg, test)
     scores = ev.score_store(net, test, 256, _device(job["device"]), feed=feed_fn)
-    val = {k[4:]: v for k, v in m.items() if k.startswith("val_")}
+    val = {k[4:]: v for k, v in m.items() if k.startswith("val_")}  # the best epoch's (the saved side net)
     return {"val": val, "test": _metrics(job["task"], scores, test.labels), "trainable_params": m["trainable_params"],
-            "train_tokens_per_s": m["train_tokens_per_s"], "peak_memory_mb": m["peak_memory_mb"]}
+            "train_tokens_per_s": m["train_tokens_per_s"], "peak_memory_mb": m["peak_memory_mb"],
+            "best_epoch": m["best_epoch"]}
 
 
 def _device(name):
@@ -136,20 +146,6 @@ def run_baseline(job: dict) -> dict:
     opt = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(1, min(500, steps // 10)), steps))
     amp = dict(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else dict(device_type="cpu", enabled=False)
-    t0, tokens = time.perf_counter(), 0
-    for epoch in range(job["epochs"]):
-        model.train()
-        for b in tr.batches([], BATCH, shuffle=True, seed=job["seed"], epoch=epoch):
-            ids, mask, y = b.src_ids.to(dev), b.src_mask.to(dev), b.labels.to(dev)
-            with torch.autocast(**amp):
-                loss = loss_encoder(model, ids, mask, y, task.kind)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            tokens += int(mask.sum())
-    dt = time.perf_counter() - t0
 
     @torch.no_grad()
     def scores(store):
@@ -160,8 +156,26 @@ def run_baseline(job: dict) -> dict:
                 out.append(model(b.src_ids.to(dev), b.src_mask.to(dev)).float().cpu().numpy())
         return np.concatenate(out)
 
-    return {"val": _metrics(job["task"], scores(va), va.labels), "test": _metrics(job["task"], scores(te), te.labels),
-            "trainable_params": sum(p.numel() for p in params), "train_tokens_per_s": tokens / dt}
+    key = _headline(job["task"])
+    best, train_time, tokens = None, 0.0, 0
+    for epoch in range(job["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        for b in tr.batches([], BATCH, shuffle=True, seed=job["seed"], epoch=epoch):
+            ids, mask, y = b.src_ids.to(dev), b.src_mask.to(dev), b.labels.to(dev)
+            with torch.autocast(**amp):
+                loss = loss_encoder(model, ids, mask, y, task.kind)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            tokens += int(mask.sum())
+        train_time += time.perf_counter() - t0
+        val = _metrics(job["task"], scores(va), va.labels)
+        if best is None or val[key] > best["val"][key]:  # ties keep the earlier epoch
+            best = {"val": val, "test": _metrics(job["task"], scores(te), te.labels), "best_epoch": epoch + 1}
+    return {**best, "trainable_params": sum(p.numel() for p in params), "train_tokens_per_s": tokens / train_time}
 
 
 def run_job(job: dict) -> dict:

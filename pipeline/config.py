@@ -188,6 +188,9 @@ class TrainConfig:
     max_length: int = _f(64, "Token limit for --feed backbone (must equal the cache's).")
     data_dir: str = _f("data/raw", "Where offline datasets live (for --feed backbone).")
     ram_budget_mb: int = _f(4096, "Hold a split in RAM when its requested layers fit; else stream shard groups.")
+    device_cache_mb: int = _f(8192, "CUDA: hold a split on the GPU in its stored dtype (fp16/bf16/int8) when its "
+                                    "requested states fit this many MiB, and gather + decode batches there; a "
+                                    "split that does not fit is read by the host reader (0 = always the host).")
 
     def __post_init__(self):
         _check_choice("init", self.init, INITS)

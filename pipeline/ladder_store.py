@@ -317,6 +317,7 @@ class LadderStore:
         # read once: zarr metadata lookups cost ~1 ms each, and batches ask for the width per state
         self.width = int(self.layers[self.names[0]].shape[1]) if self.names else 0
         self._resident: tuple | None = None  # ((n, names), rows) of a split that fits in RAM, kept across epochs
+        self._on_device: tuple | None = None  # ((n, names, device), DeviceSplit), kept across epochs
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Decoded float32 rows [start, stop) of one stored state."""
@@ -358,36 +359,71 @@ class LadderStore:
         return decode_rows(a[rows], None if scale is None else scale[rows], self.dtype, self.codec)
 
     def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True):
+                limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True,
+                device=None, device_budget_mb: int = 0):
         """Mini-batches (LadderBatch) of whole examples, padded to the batch's longest. Shuffling is per
         epoch from (seed, epoch): the order of RAM-sized groups, then examples within a group. The next
-        group is read in a background thread while the current one is consumed."""
+        group is read in a background thread while the current one is consumed.
+
+        With a CUDA `device` and a split whose requested states fit `device_budget_mb` in their stored
+        dtype, the split is held on the device (pipeline/batches.py) and batches are gathered and decoded
+        there, in the same order; batches then arrive already on the device."""
+        n = min(self.n, limit) if limit else self.n
+        if device is not None and torch.device(device).type == "cuda" and device_budget_mb > 0 \
+                and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
+            from pipeline.batches import DeviceSplit
+
+            key = (n, tuple(names), str(device))
+            if self._on_device is None or self._on_device[0] != key:
+                self._on_device = (key, DeviceSplit(self, names, n, device))
+            split = self._on_device[1]
+            return (split.batch(idx, all_candidates)
+                    for _, idx in self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1))
         it = self._batches(names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch)
         return _background(it, depth=4) if prefetch else it
 
-    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch):
-        n = min(self.n, limit) if limit else self.n
+    def stored_bytes(self, n: int, names: list[str]) -> int:
+        """Bytes the requested states of the first n examples take in their stored dtype (+ int8 scales)."""
+        item = bytes_per_value(self.dtype, self.codec) * self.width + (4 if self.codec == "int8" else 0)
+        rows = sum((n * self.K if nm.startswith(TGT) else int(self.offsets[n])) for nm in names)
+        return rows * item
+
+    def epoch_plan(self, n: int, names: list[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
+                   ram_budget_mb: int = 4096, n_groups: int | None = None):
+        """The epoch's batches as ((e0, e1) group, example indices) pairs: a pure function of (seed, epoch)
+        and the grouping, so every reader (host or device) visits examples in the same order."""
         rng = np.random.default_rng([seed, epoch])
-        groups = self.groups(n, names, ram_budget_mb)
+        groups = [(0, n)] if n_groups == 1 else self.groups(n, names, ram_budget_mb)
         if shuffle:
             groups = [groups[i] for i in rng.permutation(len(groups))]
+        for e0, e1 in groups:
+            order = np.arange(e0, e1)
+            if shuffle:
+                order = rng.permutation(order)
+            for b in range(0, len(order), batch_size):
+                yield (e0, e1), order[b:b + batch_size]
+
+    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch):
+        n = min(self.n, limit) if limit else self.n
+        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb))
+        groups = list(dict.fromkeys(g for g, _ in plan))  # in visiting order
         resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
         pool = ThreadPoolExecutor(1) if prefetch and not resident else None
         load = (lambda g: pool.submit(self.load_group, g[0], g[1], names)) if pool else None
         try:
             pending = load(groups[0]) if pool else None
-            for gi, (e0, e1) in enumerate(groups):
-                if resident:
-                    data = self._resident_group(n, names)
-                else:
-                    data = pending.result() if pool else self.load_group(e0, e1, names)
-                if pool and gi + 1 < len(groups):
-                    pending = load(groups[gi + 1])
-                order = np.arange(e0, e1)
-                if shuffle:
-                    order = rng.permutation(order)
-                for b in range(0, len(order), batch_size):
-                    yield self.make_batch(order[b:b + batch_size], data, e0, names, all_candidates)
+            data, current = None, None
+            for g, idx in plan:
+                if g != current:
+                    if resident:
+                        data = self._resident_group(n, names)
+                    else:
+                        data = pending.result() if pool else self.load_group(g[0], g[1], names)
+                        gi = groups.index(g)
+                        if pool and gi + 1 < len(groups):
+                            pending = load(groups[gi + 1])
+                    current = g
+                yield self.make_batch(idx, data, g[0], names, all_candidates)
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -173,7 +173,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
         t0, ep_tokens, losses = time.perf_counter(), 0, []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
         for batch in store.batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                   epoch=epoch, limit=cfg.limit, ram_budget_mb=cfg.ram_budget_mb):
+                                   epoch=epoch, limit=cfg.limit, ram_budget_mb=cfg.ram_budget_mb, device=device,
+                                   device_budget_mb=cfg.device_cache_mb):
             if s.feed is not None:
                 batch = s.feed(batch, s.names, train=True)
             batch = batch.to(device)
@@ -276,7 +277,7 @@ def _resumable(cfg: TrainConfig) -> dict:
 
 def evaluate_split(net, store, device, cfg, feed=None) -> dict:
     task = get_task(cfg.task)
-    scores = ev.score_store(net, store, 256, device, feed=feed)
+    scores = ev.score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb)
     pred = ev.predictions(scores, task.kind, task.regression_bins)
     return ev.task_metrics(task.kind, pred, store.labels[: len(pred)])
 
