@@ -621,12 +621,15 @@ class LadderBatch:
     n_candidates: int = 0
 
     def to(self, device, dtype=None):
+        # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
+        nb = torch.device(device).type == "cuda"
+
         def mv(t):
             if t is None:
                 return None
             if dtype is not None and t.is_floating_point() and t.dim() == 3:
-                return t.to(device, dtype, non_blocking=True)
-            return t.to(device, non_blocking=True)
+                return t.to(device, dtype, non_blocking=nb)
+            return t.to(device, non_blocking=nb)
 
         return dataclasses.replace(
             self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
