@@ -186,7 +186,12 @@ def run_job(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
-    res = run_lst(job) if job["method"].startswith("lst_") else run_baseline(job)
+    try:
+        res = run_lst(job) if job["method"].startswith("lst_") else run_baseline(job)
+    except Exception as e:  # noqa: BLE001 - one failed job (e.g. out of GPU memory) must not end the suite
+        print(f"{job['task']} {job['method']} seed={job['seed']} lr={job['lr']:g}: FAILED {type(e).__name__}: "
+              f"{str(e)[:200]}", flush=True)
+        return None
     res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -269,19 +274,22 @@ def main():
     out = Path(a.out)
     # tasks may run in separate invocations (or machines): each task keeps its own run info
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
-    pool = ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn"))
     for task in a.tasks.split(","):
         t0 = time.perf_counter()
         paths = prepare(task, a)
+        # 256-token inputs take about twice the GPU memory per job: 14 such jobs ran an H100 out of memory
+        n_jobs = a.jobs if TASKS[task]["max_length"] <= 128 else max(1, a.jobs // 2)
+        pool = ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"))
         grid = [make_job(task, m, seeds[0], lr, paths, a) for m, lrs in LR_GRID.items() for lr in lrs]
-        first = list(pool.map(run_job, grid))
+        first = [r for r in pool.map(run_job, grid) if r is not None]
         best = {}
         for m in LR_GRID:
             rs = [r for r in first if r["method"] == m]
             best[m] = max(rs, key=lambda r: r["val"][_headline(task)])["lr"]
         jobs = [make_job(task, m, s, best[m], paths, a) for m in LR_GRID for s in seeds[1:]]
         jobs += [make_job(task, m, s, best["lst_cache"], paths, a) for m in LST_VARIANTS if m != "lst_cache" for s in seeds]
-        rest = list(pool.map(run_job, jobs))
+        rest = [r for r in pool.map(run_job, jobs) if r is not None]
+        pool.shutdown()
         rows = [r for r in first if r["lr"] == best[r["method"]]] + rest
         res["tasks"][task] = {**aggregate(task, rows, frozen(task, paths)), "run": {**run_info, **TASKS[task]},
                               "lr_selection": first, "runs": rows, "wall_s": time.perf_counter() - t0}
