@@ -264,6 +264,8 @@ def main():
     ap.add_argument("--jobs-dir", default="", help="where each job's result JSON goes (default: <work>/jobs)")
     ap.add_argument("--limit", type=int, default=0, help="smoke runs only: cache N examples per split")
     ap.add_argument("--epochs", type=int, default=0, help="smoke runs only: override the epochs per task")
+    ap.add_argument("--methods", default="", help="comma list of methods to run (default: all); the task's other "
+                    "methods keep the runs already in --out, each marked with the command that made it")
     a = ap.parse_args()
     from bench.machine import describe
 
@@ -274,25 +276,37 @@ def main():
     out = Path(a.out)
     # tasks may run in separate invocations (or machines): each task keeps its own run info
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
+    methods = set(a.methods.split(",")) if a.methods else set(LR_GRID) | set(LST_VARIANTS)
+    unknown = methods - set(LR_GRID) - set(LST_VARIANTS)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(list(LR_GRID) + list(LST_VARIANTS))}")
+    if methods & set(LST_VARIANTS):
+        methods.add("lst_cache")  # the LST variants run at lst_cache's learning rate
     for task in a.tasks.split(","):
         t0 = time.perf_counter()
         paths = prepare(task, a)
         # 256-token inputs take about twice the GPU memory per job: 14 such jobs ran an H100 out of memory
         n_jobs = a.jobs if TASKS[task]["max_length"] <= 128 else max(1, a.jobs // 2)
         pool = ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"))
-        grid = [make_job(task, m, seeds[0], lr, paths, a) for m, lrs in LR_GRID.items() for lr in lrs]
+        tuned = [m for m in LR_GRID if m in methods]
+        grid = [make_job(task, m, seeds[0], lr, paths, a) for m in tuned for lr in LR_GRID[m]]
         first = [r for r in pool.map(run_job, grid) if r is not None]
         best = {}
-        for m in LR_GRID:
+        for m in tuned:
             rs = [r for r in first if r["method"] == m]
             best[m] = max(rs, key=lambda r: r["val"][_headline(task)])["lr"]
-        jobs = [make_job(task, m, s, best[m], paths, a) for m in LR_GRID for s in seeds[1:]]
-        jobs += [make_job(task, m, s, best["lst_cache"], paths, a) for m in LST_VARIANTS if m != "lst_cache" for s in seeds]
+        jobs = [make_job(task, m, s, best[m], paths, a) for m in tuned for s in seeds[1:]]
+        jobs += [make_job(task, m, s, best["lst_cache"], paths, a) for m in LST_VARIANTS
+                 if m != "lst_cache" and m in methods for s in seeds]
         rest = [r for r in pool.map(run_job, jobs) if r is not None]
         pool.shutdown()
         rows = [r for r in first if r["lr"] == best[r["method"]]] + rest
-        res["tasks"][task] = {**aggregate(task, rows, frozen(task, paths)), "run": {**run_info, **TASKS[task]},
-                              "lr_selection": first, "runs": rows, "wall_s": time.perf_counter() - t0}
+        old = res["tasks"].get(task, {})
+        kept = [dict(r, made_by=r.get("made_by", old["run"]["command"])) for r in old.get("runs", [])
+                if r["method"] not in methods]
+        kept_sel = [r for r in old.get("lr_selection", []) if r["method"] not in methods]
+        res["tasks"][task] = {**aggregate(task, rows + kept, frozen(task, paths)), "run": {**run_info, **TASKS[task]},
+                              "lr_selection": first + kept_sel, "runs": rows + kept, "wall_s": time.perf_counter() - t0}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res["tasks"][task].items() if k not in ("runs", "lr_selection")}, indent=1),
