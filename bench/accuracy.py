@@ -42,11 +42,17 @@ TASKS = {  # epochs: the paper's 10, 20 on small sets (< 10k examples); max_leng
 }
 LR_GRID = {"lst_cache": [1e-3, 3e-3, 1e-2], "full_ft": [2e-5, 5e-5, 1e-4], "lora": [3e-4, 1e-3, 3e-3],
            "selective": [2e-5, 5e-5, 1e-4]}
-LST_VARIANTS = {  # method -> (init, codec, feed, side-net variant)
-    "lst_cache": ("fisher", "zstd", "cache", "ladder"), "lst_inloop": ("fisher", "zstd", "backbone", "ladder"),
-    "lst_magnitude": ("magnitude", "zstd", "cache", "ladder"), "lst_random": ("random", "zstd", "cache", "ladder"),
-    "lst_int8": ("fisher", "int8", "cache", "ladder"), "lst_bitround": ("fisher", "bitround", "cache", "ladder"),
-    "lst_fuse_after": ("fisher", "zstd", "cache", "fuse_after")}
+LST = dict(init="fisher", codec="zstd", feed="cache", variant="ladder")  # LST from the cache: the paper's design
+LST_VARIANTS = {  # method -> what differs from LST (TrainConfig fields, and the cache's codec)
+    "lst_cache": {}, "lst_inloop": dict(feed="backbone"), "lst_magnitude": dict(init="magnitude"),
+    "lst_random": dict(init="random"), "lst_int8": dict(codec="int8"), "lst_bitround": dict(codec="bitround"),
+    "lst_fuse_after": dict(variant="fuse_after")}
+
+
+def lst_config(method: str) -> dict:
+    from bench.explore import EXPLORE  # what-closes-the-gap variants (issue 10 item 9), same machinery
+
+    return {**LST, "r": R, **{**LST_VARIANTS, **EXPLORE}[method]}
 BATCH = 100  # paper
 R = 8
 
@@ -67,13 +73,14 @@ def prepare(task: str, a) -> dict:
         cache.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
                               out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
         paths[codec] = str(out)
-    for variant in sorted({v[3] for v in LST_VARIANTS.values()}):  # an init file names its variant
-        init = work / f"side_init_fisher_{variant}.safetensors"
+    methods = getattr(a, "lst_methods", None) or list(LST_VARIANTS)
+    for variant, r in sorted({(lst_config(m)["variant"], lst_config(m)["r"]) for m in methods}):
+        init = work / f"side_init_fisher_{variant}_r{r}.safetensors"  # an init file names its variant and r
         if not init.exists():
-            prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=R, init="fisher", variant=variant,
+            prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=r, init="fisher", variant=variant,
                                       max_length=t["max_length"], out=str(init), data_dir=a.data_dir,
                                       device=a.device), log=print)
-        paths[f"fisher_{variant}"] = str(init)
+        paths[f"fisher_{variant}_r{r}"] = str(init)
     return paths
 
 
@@ -91,12 +98,13 @@ def run_lst(job: dict) -> dict:
     from pipeline.ladder_store import LadderStore
     from pipeline.train import load_side, train
 
-    init, codec, feed, variant = LST_VARIANTS[job["method"]]
-    cfg = TrainConfig(task=job["task"], cache=job["paths"][codec], out=job["out"], backbone=job["backbone"], r=R,
-                      init=init, side_init=job["paths"][f"fisher_{variant}"] if init == "fisher" else "",
-                      variant=variant, epochs=job["epochs"],
-                      lr=job["lr"], batch_size=BATCH, seed=job["seed"], feed=feed, device=job["device"],
-                      max_length=job["max_length"], data_dir=job["data_dir"])
+    c = lst_config(job["method"])
+    codec, feed = c.pop("codec"), c["feed"]
+    side_init = job["paths"][f"fisher_{c['variant']}_r{c['r']}"] if c["init"] == "fisher" else ""
+    kw = dict(task=job["task"], cache=job["paths"][codec], out=job["out"], backbone=job["backbone"],
+              side_init=side_init, epochs=job["epochs"], lr=job["lr"], batch_size=BATCH, seed=job["seed"],
+              device=job["device"], max_length=job["max_length"], data_dir=job["data_dir"])
+    cfg = TrainConfig(**{**kw, **c})  # a variant may set any TrainConfig field (epochs, dropouts, mix_final, r)
     m = train(cfg, log=_quiet)
     net, _ = load_side(job["out"], _device(job["device"]))
     test = LadderStore(Path(job["paths"][codec]) / "test.zarr")
@@ -272,7 +280,8 @@ def main():
     seeds = [int(s) for s in a.seeds.split(",")]
     dev = _device(a.device)
     run_info = {"command": " ".join(["python -m bench.accuracy"] + sys.argv[1:]), **describe(dev),
-                "config": {**vars(a), "lr_grid": LR_GRID, "batch_size": BATCH, "r": R, "lst_variants": LST_VARIANTS}}
+                "config": {**vars(a), "lr_grid": LR_GRID, "batch_size": BATCH, "lst": {**LST, "r": R},
+                           "lst_variants": LST_VARIANTS}}
     out = Path(a.out)
     # tasks may run in separate invocations (or machines): each task keeps its own run info
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}

@@ -256,8 +256,10 @@ def forward_states(bb: Backbone, src_ids: torch.Tensor, src_mask: torch.Tensor, 
         cap.close()
 
 
-def load_frozen_tensors(name: str, family: str, variant: str) -> dict[str, torch.Tensor]:
-    """The few frozen backbone tensors a side net reuses, read from the checkpoint files only (no model)."""
+def load_frozen_tensors(name: str, family: str, final_norm: bool = False) -> dict[str, torch.Tensor]:
+    """The few frozen backbone tensors a side net reuses, read from the checkpoint files only (no model):
+    the embedding table (and an untied LM head), plus the final norm when the side net mixes in the
+    backbone's final state (late fusion, --mix-final)."""
     from safetensors import safe_open
 
     if family == "encoder":
@@ -284,7 +286,7 @@ def load_frozen_tensors(name: str, family: str, variant: str) -> dict[str, torch
             for slot, candidates in want.items():
                 if slot == "lm_head" and tied:
                     continue
-                if slot.startswith("final_norm") and variant != "late_fusion":
+                if slot.startswith("final_norm") and not final_norm:
                     continue
                 for k in candidates:
                     if k in keys and slot not in out:

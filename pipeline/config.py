@@ -176,6 +176,8 @@ class TrainConfig:
     ff_dropout: float = _f(0.1, "Side-net dropout inside the feed-forward, after the activation (official: 0.1).")
     emb_dropout: float = _f(0.1, "Dropout on the embedding output before the first ladder (official: 0.1).")
     final_dropout: float = _f(0.1, "Dropout after the side stack's final norm (official: 0.1).")
+    mix_final: bool = _f(False, "Mix up(side) with the backbone's final state by a learned gate before the head, as "
+                                "QST does (and late fusion, on top of the ladders); reads the last layer's states.")
     backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
                                        "see its dropout as in the official code (cached states never do).")
     seed: int = _f(0, "Seed of init, shuffling and dropout.")

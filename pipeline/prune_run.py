@@ -39,7 +39,7 @@ def run(cfg: PruneConfig, log=print) -> str:
             verb = [int(c[0]) for c in bbm.encode(task, [], bb.tokenizer, bb.family, cfg.max_length, ).cand_ids]
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, task.kind, task.num_labels, verb,
                             dec_layers=cfg.decoder_layer_list)
-    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.variant)
+    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.mixes_final)
     weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init != "random" else None
     importance, n = None, 0
     if cfg.init == "fisher":

@@ -26,6 +26,8 @@ Variants (paper sec. 5, Fig. 8, and the supplement's side-design ablation):
                      embeddings with no ladders, then up(side) mixed with the backbone's final state by a learned
                      gate g = sigmoid(alpha / T), alpha zero-init: g * up(side) + (1 - g) * final_norm(h_last)
     adapter          bottleneck blocks instead of transformer blocks (ladders fused before each, as above)
+    (mix_final=True) any ladder variant plus late fusion's gated mix with the backbone's final state before the
+                     head, as QST (Zhang et al. 2024) mixes its side output with the LLM's final hidden state
     cross_attention  each ladder enters by a cross-attention from the side state instead of a gate
 
 Dropout sites are the official side net's (T5's `dropout_rate`, 0.1, at each): the embedding output before
@@ -91,6 +93,7 @@ class SideSpec:
     ff_dropout: float = 0.1  # inside the feed-forward, after the activation
     emb_dropout: float = 0.1  # embedding output, before the first ladder
     final_dropout: float = 0.1  # after the side stack's final norm
+    mix_final: bool = False  # QST-style: up(side) mixed with the backbone's final state by a learned gate
 
     def __post_init__(self):
         for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
@@ -146,6 +149,11 @@ class SideSpec:
         return self.variant not in ("no_ladder", "late_fusion")
 
     @property
+    def mixes_final(self) -> bool:
+        """Whether up(side) is mixed with the backbone's final state before the head (late fusion, mix_final)."""
+        return self.variant == "late_fusion" or self.mix_final
+
+    @property
     def late_stack(self) -> str:
         """The stack whose final backbone state late fusion mixes in: the one that feeds the head."""
         return TGT if self.family == "t5" else SRC
@@ -155,9 +163,11 @@ class SideSpec:
         first = [state_name(stack, EMB)] if self.family == "encoder" else []
         if self.variant == "no_ladder":
             return first
+        final = [state_name(stack, self.n_layers - 1)] if self.mixes_final and stack == self.late_stack else []
         if self.variant == "late_fusion":
-            return first + ([state_name(stack, self.n_layers - 1)] if stack == self.late_stack else [])
-        return first + [state_name(stack, k) for k in self.layers_of(stack)]
+            return first + final
+        ladders = [state_name(stack, k) for k in self.layers_of(stack)]
+        return first + ladders + [n for n in final if n not in ladders]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -473,7 +483,7 @@ class SideNetwork(nn.Module):
         self.src = SideStack(spec, SRC, cross=False)
         self.tgt = SideStack(spec, TGT, cross=True) if spec.family == "t5" else None
         self.up = nn.Linear(spec.side_d, spec.d_model)
-        if spec.variant == "late_fusion":  # official merge_last gate: g = sigmoid(0 / T) = 0.5 at init
+        if spec.mixes_final:  # official merge_last gate: g = sigmoid(0 / T) = 0.5 at init
             self.late_alpha = nn.Parameter(torch.zeros(1))
         if spec.family == "t5":
             self.rel_src = nn.Embedding(spec.rel_buckets, spec.n_heads)  # copied unpruned from the backbone
@@ -489,7 +499,7 @@ class SideNetwork(nn.Module):
     def required_frozen(self) -> list[str]:
         s = self.spec
         req = [] if s.family == "encoder" else ["embed"]
-        if s.variant == "late_fusion" and s.family != "encoder":
+        if s.mixes_final and s.family != "encoder":
             req.append(f"final_norm_{s.late_stack}")
         return req
 
@@ -506,16 +516,18 @@ class SideNetwork(nn.Module):
         return table(b).permute(2, 0, 1)[None]  # (1, H, q, k)
 
     def _ladders(self, states: dict, stack: str) -> tuple[torch.Tensor | None, list]:
-        names = self.spec.state_names(stack)
-        got = [states[n] for n in names]
-        if self.spec.family == "encoder":
-            return got[0], got[1:]
-        return None, got
+        """The embedding output (encoder-only: stored; else None, recomputed from ids) and the ladder states."""
+        s = self.spec
+        emb = states[state_name(stack, EMB)] if s.family == "encoder" else None
+        if not s.uses_ladders:
+            return emb, []
+        return emb, [states[state_name(stack, k)] for k in s.layers_of(stack)]
 
     def _late(self, x_up, h_last):
-        """Side-Tuning's late fusion (official `merge_last`): g * up(side) + (1 - g) * the backbone's final
-        state, g = sigmoid(alpha / T). T5 / decoder-only: the final state is after the backbone's own final
-        RMSNorm (HF's last_hidden_state); BERT's last block already ends in a LayerNorm."""
+        """Side-Tuning's late fusion (official `merge_last`), also the QST-style mix_final on top of the
+        ladders: g * up(side) + (1 - g) * the backbone's final state, g = sigmoid(alpha / T). T5 / decoder-only:
+        the final state is after the backbone's own final RMSNorm (HF's last_hidden_state); BERT's last block
+        already ends in a LayerNorm."""
         h = h_last.to(x_up.dtype)
         if self.spec.family != "encoder":
             w = getattr(self, f"final_norm_{self.spec.late_stack}")
@@ -556,8 +568,11 @@ class SideNetwork(nn.Module):
         if s.family == "encoder":
             x, mask = (x_sel, sel_mask) if selective else (x, mask)  # training pools the selected positions
             h = self.up(x)  # (B, T, d)
-            if s.variant == "late_fusion":  # (select_k is refused for late fusion: every position is here)
-                h = self._late(h, self._last_state(batch.states, SRC))
+            if s.mixes_final:
+                h_last = self._last_state(batch.states, SRC)
+                if selective:
+                    h_last = h_last.gather(1, sel[..., None].expand(-1, -1, h_last.shape[-1]))
+                h = self._late(h, h_last)
             m = mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
             scores = self.head(pooled)  # (B, C) or (B, 1)
@@ -566,7 +581,7 @@ class SideNetwork(nn.Module):
         if s.family == "decoder":
             last = mask.long().sum(1) - 1  # right padding: last real token
             h = self.up(x[torch.arange(x.shape[0], device=x.device), last])  # (B, d)
-            if s.variant == "late_fusion":
+            if s.mixes_final:
                 h_last = self._last_state(batch.states, SRC)
                 h = self._late(h, h_last[torch.arange(h_last.shape[0], device=h.device), last])
             verb = torch.tensor(s.verbalizer_ids, device=h.device)
@@ -582,7 +597,7 @@ class SideNetwork(nn.Module):
         t_bias = pad_bias(t_mask) + causal_bias(U, t_ids.device) + self._rel_bias(self.rel_tgt, U, U, False, t_ids.device)
         y = self.tgt(self._embed(t_ids), t_ladders, t_bias, enc=enc, enc_bias=pad_bias(enc_mask))
         h = self.up(y)  # (N, U, d)
-        if s.variant == "late_fusion":
+        if s.mixes_final:
             h = self._late(h, self._last_state(batch.states, TGT))
         logits = self._lm_logits(h).float()  # (N, U, V)
         tok_nll = F.cross_entropy(logits.transpose(1, 2), batch.tgt_labels, ignore_index=-100, reduction="none")  # (N, U)
@@ -648,7 +663,7 @@ DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_
 
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
                      verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0, dec_layers="same",
-                     **site_dropout) -> SideSpec:
+                     mix_final: bool = False, **site_dropout) -> SideSpec:
     """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
     list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
     is the rate at every dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
@@ -689,4 +704,5 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
     return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
                     num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
                     vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids),
-                    select_k=select_k, dec_layers=dec, **rates, **base)
+                    select_k=select_k, dec_layers=dec, mix_final=bool(mix_final), **rates,
+                    **base)

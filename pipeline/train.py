@@ -90,7 +90,8 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
     hf_cfg = bbm.load_config(cfg.backbone)
     verb = [int(c[0]) for c in train.cand] if fp["family"] == "decoder" else []
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, fp["task_kind"], int(fp["num_labels"]),
-                            verb, select_k=cfg.select_k, dec_layers=cfg.decoder_layer_list, **cfg.dropouts)
+                            verb, select_k=cfg.select_k, dec_layers=cfg.decoder_layer_list, mix_final=cfg.mix_final,
+                            **cfg.dropouts)
     if spec.family != fp["family"]:
         raise ConfigError(f"backbone: {cfg.backbone} is {spec.family}, the cache {train.path} holds {fp['family']} states")
     names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
@@ -98,7 +99,7 @@ def setup(cfg: TrainConfig, log=print) -> Setup:
     if missing:
         raise StoreError(f"layers: the cache {train.path} lacks states {missing}; cache those layers in stage one "
                          f"(cache_activations.layers) or keep only stored ones ({', '.join(train.names)})")
-    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.variant)
+    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.mixes_final)
     sha = fp["backbone_sha256"]
     expect = prune.init_fingerprint(spec, fp["backbone"], sha, cfg.init, 0)
     if cfg.side_init:
@@ -310,6 +311,6 @@ def load_side(run: str | Path, device="cpu") -> tuple[SideNetwork, dict]:
         raise ConfigError(f"run: {run} has no {SIDE_CONFIG}; train first (python -m stages.train_side)")
     meta = json.loads((run / SIDE_CONFIG).read_text())
     spec = SideSpec(**meta["spec"])
-    net = SideNetwork(spec, bbm.load_frozen_tensors(meta["backbone"], spec.family, spec.variant))
+    net = SideNetwork(spec, bbm.load_frozen_tensors(meta["backbone"], spec.family, spec.mixes_final))
     net.load_state_dict(load_file(str(run / SIDE_WEIGHTS)), strict=False)
     return net.to(device).eval(), meta

@@ -39,7 +39,7 @@ def _net_and_batch(backbone, task, tmp_path, variant="ladder", layers=None, dec_
     t = get_task(task)
     verb = [int(c[0]) for c in store.cand] if bbm.family_of_config(hf) == "decoder" else []
     spec = spec_from_config(hf, 4, layers, variant, t.kind, t.num_labels, verb, dropout=0.0, dec_layers=dec_layers)
-    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, variant), "magnitude", 0,
+    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, spec.mixes_final), "magnitude", 0,
                            bbm.state_dict_from_files(backbone))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # gates away from mu = 0.5: mu and 1 - mu differ
@@ -287,3 +287,31 @@ def test_each_official_dropout_site_is_active_in_training_only(site, tiny_t5, to
     assert torch.equal(side_output(rates, True), side_output(rates, False))  # every site at 0: train == eval
     rates[site] = 0.5
     assert not torch.allclose(side_output(rates, True), side_output(rates, False), atol=1e-4)  # this site drops
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+def test_mix_final_adds_the_gated_final_state_to_the_ladder_net(family, tiny_bert, tiny_t5, tiny_llama, toy_task,
+                                                               tmp_path):
+    """QST-style mix on top of LST: with the gate fully on the side (g = 1) the output is plain LST's."""
+    backbone = {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family]
+    net, batch = _net_and_batch(backbone, toy_task, tmp_path, layers=[0, 1])  # the last layer (2) is not a ladder
+    spec = net.spec
+    mixed_spec = type(spec)(**{**spec.__dict__, "mix_final": True})
+    L = state_name(mixed_spec.late_stack, spec.n_layers - 1)
+    assert L in mixed_spec.state_names(mixed_spec.late_stack) and L not in spec.state_names(spec.late_stack)
+    mixed = SideNetwork(mixed_spec, bbm.load_frozen_tensors(backbone, spec.family, True)).eval()
+    mixed.load_state_dict(net.state_dict(), strict=False)
+    names = {n for st in mixed_spec.stacks for n in mixed_spec.state_names(st)}
+    cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path / "all"), dtype="fp32", splits=["train"],
+                      device="cpu")
+    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    full = next(iter(store.batches(sorted(names), 8, shuffle=True, seed=3)))
+    with torch.no_grad():
+        plain = net(full).scores if family != "t5" else net(full).loss
+        mixed.late_alpha.fill_(50.0)  # g = sigmoid(500) = 1: all side
+        all_side = mixed(full).scores if family != "t5" else mixed(full).loss
+        mixed.late_alpha.fill_(0.0)
+        half = mixed(full).scores if family != "t5" else mixed(full).loss
+    assert torch.allclose(plain, all_side, atol=1e-6)
+    assert not torch.allclose(plain, half, atol=1e-4)
+    assert mixed.trainable_parameters() == net.trainable_parameters() + 1

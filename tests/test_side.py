@@ -27,7 +27,7 @@ def side_for(backbone, task, variant="ladder", init="magnitude", layers=None, r=
     t = get_task(task)
     verb = [int(c[0]) for c in store.cand] if store is not None and bbm.family_of_config(cfg) == "decoder" else []
     spec = spec_from_config(cfg, r, layers, variant, t.kind, t.num_labels, verb, dropout=0.0)
-    frozen = bbm.load_frozen_tensors(backbone, spec.family, variant)
+    frozen = bbm.load_frozen_tensors(backbone, spec.family, spec.mixes_final)
     weights = bbm.state_dict_from_files(backbone) if init != "random" else None
     return prune.build_side(spec, frozen, init, 0, weights)
 
@@ -89,7 +89,7 @@ def test_pruned_weights_are_exact_slices_of_the_backbone(family, tiny_bert, tiny
     cfg = bbm.load_config(backbone)
     spec = spec_from_config(cfg, 2, [0, 2], "ladder", "classification", 2, [0, 1])
     W = prune.normalize_keys(bbm.state_dict_from_files(backbone))
-    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, "ladder"), "magnitude", 0, W)
+    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family), "magnitude", 0, W)
     idx = prune.select_indices(spec, W)
     R = idx["R"]
     for j, k in enumerate(spec.layers):

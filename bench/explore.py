@@ -1,0 +1,78 @@
+"""What closes the gap between LST and full fine-tuning on MiniLM (issue 10, item 9): side-net variants
+at one seed, each at its best learning rate on validation, with trainable parameters, stage-two peak
+memory and throughput beside the accuracy, so the trade-off is one table.
+
+    python -m bench.explore --task rt-sentiment --device cpu
+
+Each run goes through bench.accuracy's job machinery (same caches, Fisher inits, per-job result files,
+resumable); bench/results/lst_explore.json collects them. The LST default is `lst_cache`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DROPOUT_OFF = dict(dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0)
+EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy.LST, r = 8)
+    "lst_mix_final": dict(mix_final=True),  # QST: gated mix of up(side) with the backbone's final state
+    "lst_epochs20": dict(epochs=20),
+    "lst_no_dropout": DROPOUT_OFF,
+    "lst_r4": dict(r=4),  # 4x the side width: over the 2% parameter budget on MiniLM
+    "lst_r4_mix_final": dict(r=4, mix_final=True),
+    "lst_r16": dict(r=16),
+}
+LRS = [3e-4, 1e-3, 3e-3]
+BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors
+
+
+def main():
+    from bench import accuracy as A
+    from bench.machine import describe
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="rt-sentiment")
+    ap.add_argument("--methods", default=",".join(["lst_cache", *EXPLORE]))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default="data/bench_accuracy")
+    ap.add_argument("--jobs-dir", default="")
+    ap.add_argument("--data-dir", default="data/raw")
+    ap.add_argument("--out", default="bench/results/lst_explore.json")
+    a = ap.parse_args()
+    a.limit, a.epochs, a.jobs = 0, 0, 1
+    methods = a.methods.split(",")
+    a.lst_methods = methods
+    t0 = time.perf_counter()
+    paths = A.prepare(a.task, a)
+    rows = []
+    for m in methods:
+        runs = [A.run_job(A.make_job(a.task, m, a.seed, lr, paths, a)) for lr in LRS]
+        runs = [r for r in runs if r is not None]
+        metric = A._headline(a.task)
+        best = max(runs, key=lambda r: r["val"][metric])
+        rows.append({"method": m, "config": A.lst_config(m), "best_lr": best["lr"],
+                     "val": 100 * best["val"][metric], "test": 100 * best["test"][metric],
+                     "by_lr": {f"{r['lr']:g}": {"val": 100 * r["val"][metric], "test": 100 * r["test"][metric]}
+                               for r in runs},
+                     "trainable_params": best["trainable_params"],
+                     "trainable_pct_of_backbone": 100 * best["trainable_params"] / BACKBONE_PARAMS,
+                     "peak_memory_mb": best.get("peak_memory_mb"), "train_tokens_per_s": best["train_tokens_per_s"],
+                     "best_epoch": best.get("best_epoch")})
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
+    res["tasks"][a.task] = {"headline_metric": A._headline(a.task), "seed": a.seed, "lrs": LRS, "rows": rows,
+                            "run": {"command": " ".join(["python -m bench.explore"] + sys.argv[1:]),
+                                    **describe(A._device(a.device))},
+                            "wall_s": time.perf_counter() - t0}
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
