@@ -168,6 +168,10 @@ class TrainConfig:
     epochs: int = _f(10, "Epochs (paper: 10, 20 on small sets).")
     lr: float = _f(3e-3, "Peak learning rate (paper: 3e-3 for LST).")
     batch_size: int = _f(100, "Examples per step (paper: 100).")
+    batch_tokens: int = _f(0, "Fill each step to this many tokens instead of --batch-size examples (0 = off).")
+    pack: bool = _f(False, "Lay a batch's examples end to end in rows as long as the split's longest example, "
+                           "attention confined to each example, instead of padding every example to the "
+                           "batch's longest (same loss; less work on short texts).")
     warmup_steps: int = _f(500, "Linear warmup steps, capped at 10% of all steps for short runs.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     grad_clip: float = _f(1.0, "Max gradient norm.")
@@ -185,6 +189,12 @@ class TrainConfig:
     feed: str = _f("cache", "cache (ours) or backbone (in-loop LST over the same examples).")
     select_k: int = _f(0, "Token-selective training of the side net: gradients through k random source positions "
                           "plus the first (0 = every position). T5 and encoder side nets.")
+    data_seed: int = _f(-1, "Seed of the example order (-1: --seed). Configs of a sweep share one order.")
+    sweep: str = _f("", "A YAML file of lists (e.g. 'lr: [0.001, 0.003]' and 'seed: [0, 1]'; a `configs:` list adds "
+                        "single configs): train their cartesian product from one read of each batch, each config in "
+                        "--out/<name>, the best on validation also in --out. In params.yaml the mapping may be "
+                        "inline. Keys that may vary: lr, seed, r, init, side_init, layers, decoder_layers, variant, "
+                        "select_k, epochs, mix_final, weight_decay, warmup_steps, grad_clip and the dropouts.")
     resume: bool = _f(False, "Continue from the last epoch checkpoint in --out.")
     device: str = _f("auto", "auto|cpu|cuda.")
     max_length: int = _f(64, "Token limit for --feed backbone (must equal the cache's).")
@@ -207,6 +217,12 @@ class TrainConfig:
         for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if int(self.batch_tokens) < 0:
+            raise ConfigError(f"batch_tokens: must be >= 0 (0 = batches of batch_size examples), got {self.batch_tokens}")
+        if self.pack and self.feed == "backbone":
+            raise ConfigError("pack: in-loop LST (--feed backbone) runs the backbone on padded batches; drop --pack")
+        if self.pack and int(self.select_k):
+            raise ConfigError("pack: token-selective training (select_k) takes padded batches; drop one of them")
         if self.backbone_dropout and self.feed != "backbone":
             raise ConfigError("backbone_dropout: only with --feed backbone (a cache holds dropout-free states)")
         parse_layers(self.layers)

@@ -35,14 +35,15 @@ def task_metrics(kind: str, pred: np.ndarray, labels: np.ndarray) -> dict[str, f
 
 @torch.no_grad()
 def score_store(net, store: LadderStore, batch_size: int, device, limit: int = 0, feed=None,
-                device_budget_mb: int = 0) -> np.ndarray:
+                device_budget_mb: int = 0, pack_len: int = 0) -> np.ndarray:
     """(n, C) scores for every example of a store: class logits, regression output, or (T5) the
     log-likelihood of each candidate verbalizer (rank classification)."""
     net.eval()
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
     out = []
     for batch in store.batches(names if feed is None else [], batch_size, shuffle=False, limit=limit,
-                               all_candidates=True, device=device, device_budget_mb=device_budget_mb):
+                               all_candidates=True, device=device, device_budget_mb=device_budget_mb,
+                               pack_len=pack_len):
         if feed is not None:
             batch = feed(batch, names)
         out.append(net(batch.to(device)).scores.float().cpu().numpy())

@@ -317,7 +317,7 @@ class LadderStore:
         # read once: zarr metadata lookups cost ~1 ms each, and batches ask for the width per state
         self.width = int(self.layers[self.names[0]].shape[1]) if self.names else 0
         self._resident: tuple | None = None  # ((n, names), rows) of a split that fits in RAM, kept across epochs
-        self._on_device: tuple | None = None  # ((n, names, device), DeviceSplit), kept across epochs
+        self._on_device: tuple | None = None  # ((n, names, device), RowSet on the GPU), kept across epochs
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Decoded float32 rows [start, stop) of one stored state."""
@@ -354,33 +354,43 @@ class LadderStore:
             out[name] = (self.layers[name][r0:r1], scale)
         return out
 
-    def _decode(self, group: tuple, rows: np.ndarray) -> np.ndarray:
-        a, scale = group
-        return decode_rows(a[rows], None if scale is None else scale[rows], self.dtype, self.codec)
-
     def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True,
-                device=None, device_budget_mb: int = 0):
-        """Mini-batches (LadderBatch) of whole examples, padded to the batch's longest. Shuffling is per
-        epoch from (seed, epoch): the order of RAM-sized groups, then examples within a group. The next
-        group is read in a background thread while the current one is consumed.
+                device="cpu", device_budget_mb: int = 0, pack_len: int = 0, batch_tokens: int = 0):
+        """Mini-batches (LadderBatch, on `device`) of whole examples, padded (pack_len 0) or packed into rows
+        of pack_len slots (pipeline/batches.py). A batch is batch_size examples, or with batch_tokens > 0 as
+        many consecutive examples as fit that many tokens. Shuffling is per epoch from (seed, epoch): the
+        order of RAM-sized groups, then examples within a group.
 
-        With a CUDA `device` and a split whose requested states fit `device_budget_mb` in their stored
-        dtype, the split is held on the device (pipeline/batches.py) and batches are gathered and decoded
-        there, in the same order; batches then arrive already on the device."""
+        With a CUDA `device` and a split whose requested states fit `device_budget_mb` in their stored dtype,
+        the split is held on the device and batches are gathered and decoded there, in the same order.
+        Otherwise a background thread reads the next group and gathers each batch's rows (pinned, for CUDA),
+        which are assembled on the device."""
+        from pipeline.batches import RowSet, store_meta
+
         n = min(self.n, limit) if limit else self.n
-        if device is not None and torch.device(device).type == "cuda" and device_budget_mb > 0 \
-                and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
-            from pipeline.batches import DeviceSplit
-
-            key = (n, tuple(names), str(device))
+        dev = torch.device(device)
+        if dev.type == "cuda" and device_budget_mb > 0 and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
+            key = (n, tuple(names), str(dev))
             if self._on_device is None or self._on_device[0] != key:
-                self._on_device = (key, DeviceSplit(self, names, n, device))
-            split = self._on_device[1]
-            return (split.batch(idx, all_candidates)
-                    for _, idx in self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1))
-        it = self._batches(names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch)
+                self._on_device = (key, RowSet.of_store(self, names, n, dev))
+            rows = self._on_device[1]
+            plan = self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1, batch_tokens=batch_tokens)
+            return (rows.batch(idx, all_candidates, pack_len) for _, idx in plan)
+        meta = store_meta(self)
+
+        def assemble(data, e0, idx):
+            return RowSet.of_examples(self, data, e0, idx, dev, meta).batch(np.arange(len(idx)), all_candidates,
+                                                                            pack_len)
+
+        it = self._batches(names, batch_size, shuffle, seed, epoch, limit, ram_budget_mb, prefetch, batch_tokens,
+                           assemble)
         return _background(it, depth=4) if prefetch else it
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the split's longest example (the row length of packed batches)."""
+        return int(np.diff(self.offsets).max()) if self.n else 0
 
     def stored_bytes(self, n: int, names: list[str]) -> int:
         """Bytes the requested states of the first n examples take in their stored dtype (+ int8 scales)."""
@@ -389,23 +399,32 @@ class LadderStore:
         return rows * item
 
     def epoch_plan(self, n: int, names: list[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
-                   ram_budget_mb: int = 4096, n_groups: int | None = None):
+                   ram_budget_mb: int = 4096, n_groups: int | None = None, batch_tokens: int = 0):
         """The epoch's batches as ((e0, e1) group, example indices) pairs: a pure function of (seed, epoch)
         and the grouping, so every reader (host or device) visits examples in the same order."""
+        from pipeline.batches import token_budget_batches
+
         rng = np.random.default_rng([seed, epoch])
         groups = [(0, n)] if n_groups == 1 else self.groups(n, names, ram_budget_mb)
         if shuffle:
             groups = [groups[i] for i in rng.permutation(len(groups))]
+        lengths = np.diff(self.offsets)
         for e0, e1 in groups:
             order = np.arange(e0, e1)
             if shuffle:
                 order = rng.permutation(order)
-            for b in range(0, len(order), batch_size):
-                yield (e0, e1), order[b:b + batch_size]
+            if batch_tokens:
+                for idx in token_budget_batches(order, lengths, batch_tokens):
+                    yield (e0, e1), idx
+            else:
+                for b in range(0, len(order), batch_size):
+                    yield (e0, e1), order[b:b + batch_size]
 
-    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, all_candidates, ram_budget_mb, prefetch):
+    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, ram_budget_mb, prefetch, batch_tokens,
+                 assemble):
         n = min(self.n, limit) if limit else self.n
-        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb))
+        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb,
+                                    batch_tokens=batch_tokens))
         groups = list(dict.fromkeys(g for g, _ in plan))  # in visiting order
         resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
         pool = ThreadPoolExecutor(1) if prefetch and not resident else None
@@ -423,7 +442,7 @@ class LadderStore:
                         if pool and gi + 1 < len(groups):
                             pending = load(groups[gi + 1])
                     current = g
-                yield self.make_batch(idx, data, g[0], names, all_candidates)
+                yield assemble(data, g[0], idx)
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -433,54 +452,6 @@ class LadderStore:
         if self._resident is None or self._resident[0] != key:
             self._resident = (key, self.load_group(0, n, names))
         return self._resident[1]
-
-    def make_batch(self, idx: np.ndarray, data: dict, e0: int, names: list[str], all_candidates: bool):
-        from pipeline.backbone import decoder_inputs, pad
-        from pipeline.side import LadderBatch
-
-        off = self.offsets
-        seqs = [self.src_ids[off[i]:off[i + 1]] for i in idx]
-        ids, mask = pad(seqs)
-        B, T = ids.shape
-        states = {}
-        # one gather per state: positions of every real token of the batch in the group, and where
-        # they land in the padded (B, T) grid
-        src_rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in idx]) - off[e0]
-        flat = mask.numpy().reshape(-1)
-        for name in names:
-            if name.startswith(TGT):
-                continue
-            x = np.zeros((B * T, self.width), np.float32)
-            x[flat] = self._decode(data[name], src_rows)
-            states[name] = torch.from_numpy(x.reshape(B, T, self.width))  # (B, T, d)
-        labels = torch.from_numpy(self.labels[idx].copy())
-        batch = LadderBatch(ids, mask, states, labels)
-        if self.fingerprint.get("family") != "t5":
-            return batch
-        # T5: candidate target rows
-        C = len(self.cand)
-        start_id = int(self.fingerprint.get("decoder_start_token_id", 0))
-        dec_in, dec_labels, dec_mask = decoder_inputs(self.cand, start_id)  # (C, U)
-        U = dec_in.shape[1]
-        if all_candidates:
-            pairs = [(j, c) for j in range(B) for c in range(C)]
-        else:
-            gold = [int(self.fingerprint_target(self.labels[i])) for i in idx]
-            pairs = [(j, gold[j]) for j in range(B)]
-        rows = torch.tensor([p[0] for p in pairs])
-        cs = [p[1] for p in pairs]
-        for name in names:
-            if not name.startswith(TGT):
-                continue
-            x = np.zeros((len(pairs), U, self.width), np.float32)
-            for r, (j, c) in enumerate(pairs):
-                s = (idx[j] - e0) * self.K + self.cand_offsets[c]
-                x[r, : len(self.cand[c])] = self._decode(data[name], np.arange(s, s + len(self.cand[c])))
-            states[name] = torch.from_numpy(x)  # (N, U, d)
-        batch.tgt_ids, batch.tgt_labels, batch.tgt_mask = dec_in[cs], dec_labels[cs], dec_mask[cs]
-        batch.tgt_row, batch.tgt_cand = rows, torch.tensor(cs)
-        batch.n_candidates = C if all_candidates else 0
-        return batch
 
     def fingerprint_target(self, label: float) -> int:
         bins = self.fingerprint.get("regression_bins") or []

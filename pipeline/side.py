@@ -196,11 +196,13 @@ def make_norm(spec: SideSpec, d: int) -> nn.Module:
     return nn.LayerNorm(d, eps=spec.norm_eps) if spec.family == "encoder" else RMSNorm(d, spec.norm_eps)
 
 
-def rope(x, theta: float):
-    """Rotary embedding (rotate-half convention) on (B, H, T, hs)."""
+def rope(x, theta: float, pos=None):
+    """Rotary embedding (rotate-half convention) on (B, H, T, hs); pos (B, T) positions (packed rows restart
+    them per example), default 0..T-1."""
     t, hs = x.shape[-2], x.shape[-1]
     inv = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
-    ang = torch.outer(torch.arange(t, device=x.device, dtype=torch.float32), inv)  # (T, hs/2)
+    p = torch.arange(t, device=x.device, dtype=torch.float32) if pos is None else pos.float()[:, None]  # (B, 1, T)
+    ang = p[..., None] * inv  # (T, hs/2) or (B, 1, T, hs/2)
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
     x1, x2 = x[..., : hs // 2], x[..., hs // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -221,7 +223,7 @@ class Attention(nn.Module):
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def forward(self, x, kv=None, bias=None, rope_theta: float | None = None):
+    def forward(self, x, kv=None, bias=None, rope_theta: float | None = None, pos=None):
         B, T, _ = x.shape
         src = x if kv is None else kv
         S = src.shape[1]
@@ -229,7 +231,7 @@ class Attention(nn.Module):
         k = self.k(src).view(B, S, self.hkv, self.hs).transpose(1, 2)  # (B, Hkv, S, hs)
         v = self.v(src).view(B, S, self.hkv, self.hs).transpose(1, 2)
         if rope_theta is not None:
-            q, k = rope(q, rope_theta), rope(k, rope_theta)
+            q, k = rope(q, rope_theta, pos), rope(k, rope_theta, pos)
         if self.hkv != self.h:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
@@ -296,11 +298,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(spec.dropout)
         self.rope_theta = spec.rope_theta if f == "decoder" else None
 
-    def forward(self, x, bias, enc=None, enc_bias=None):
+    def forward(self, x, bias, enc=None, enc_bias=None, pos=None):
         if self.post_norm:
             x = self.norm_attn(x + self.drop(self.attn(x, bias=bias)))
             return self.norm_ff(x + self.drop(self.ff(x)))
-        x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta))
+        x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta, pos=pos))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
         return x + self.drop(self.ff(self.norm_ff(x)))
@@ -330,7 +332,7 @@ class AdapterBlock(nn.Module):
         self.norm_cross = make_norm(spec, d) if cross else None
         self.drop = nn.Dropout(spec.dropout)
 
-    def forward(self, x, bias, enc=None, enc_bias=None):
+    def forward(self, x, bias, enc=None, enc_bias=None, pos=None):
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
         return x + self.drop(self.ff(self.norm_ff(x)))
@@ -370,14 +372,15 @@ class SideStack(nn.Module):
             return mu[j] * x + (1 - mu[j]) * h
         return x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
 
-    def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None):
-        """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states."""
+    def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None, pos=None):
+        """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states; pos: packed
+        positions (decoder-only RoPE)."""
         x = self.first_down(self.emb_drop(emb.to(self.first_down.weight.dtype)))  # (B, T, d/r)
         mu = self.gates() if hasattr(self, "alpha") else None
         for j, blk in enumerate(self.blocks):
             if self.uses_ladders and not self.fuse_after:
                 x = self.fuse(j, x, ladders[j], bias, mu)  # ladder first, then the block (official order)
-            x = blk(x, bias, enc, enc_bias)
+            x = blk(x, bias, enc, enc_bias, pos)
             if self.fuse_after:
                 x = self.fuse(j, x, ladders[j], bias, mu)
         return self.final_drop(self.final_norm(x) if self.final_norm is not None else x)
@@ -438,6 +441,26 @@ def select_positions(mask: torch.Tensor, k: int, generator: torch.Generator | No
 def pad_bias(mask):
     """(B, S) bool -> (B, 1, 1, S) additive bias hiding padding keys."""
     return (~mask)[:, None, None, :].float() * NEG
+
+
+def last_slots(batch, n: int) -> torch.Tensor:
+    """(n,) flat index (into R * P, or B * T) of each example's last token."""
+    if batch.seg is None:
+        mask = batch.src_mask
+        return torch.arange(mask.shape[0], device=mask.device) * mask.shape[1] + mask.long().sum(1) - 1
+    seg = batch.seg.reshape(-1)
+    flat = torch.arange(seg.shape[0], device=seg.device)
+    valid = seg >= 0
+    return torch.zeros(n, dtype=torch.long, device=seg.device).scatter_reduce(0, seg[valid], flat[valid], "amax")
+
+
+def example_rows(batch, n: int) -> torch.Tensor:
+    """(n,) packed row that holds each example."""
+    R, P = batch.seg.shape
+    row = torch.arange(R, device=batch.seg.device)[:, None].expand(R, P).reshape(-1)
+    seg = batch.seg.reshape(-1)
+    valid = seg >= 0
+    return torch.zeros(n, dtype=torch.long, device=seg.device).scatter_reduce(0, seg[valid], row[valid], "amax")
 
 
 def causal_bias(t: int, device):
@@ -544,26 +567,46 @@ class SideNetwork(nn.Module):
         head = self.lm_head if hasattr(self, "lm_head") else self.embed
         return x @ head.to(x.dtype).T  # (..., V)
 
+    def _src_bias(self, batch):
+        """Additive attention bias of the source stack: (B, 1|H, 1|T, T) padded, (R, 1|H, P, P) packed."""
+        s, ids, mask = self.spec, batch.src_ids, batch.src_mask
+        T, dev = ids.shape[1], ids.device
+        if batch.seg is None:
+            bias = pad_bias(mask)
+            if s.family == "t5":
+                return bias + self._rel_bias(self.rel_src, T, T, True, dev)
+            return bias + causal_bias(T, dev) if s.family == "decoder" else bias
+        seg = batch.seg  # packed: attend within the example only, positions restart per example
+        keep = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # (R, P, P)
+        if s.family == "decoder":
+            keep = keep & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        bias = torch.where(keep, 0.0, NEG)[:, None]  # (R, 1, P, P)
+        if s.family == "t5":
+            rel = batch.pos[:, None, :] - batch.pos[:, :, None]  # (R, P, P) key - query position
+            b = relative_buckets(rel, True, s.rel_buckets, s.rel_max_distance)
+            bias = bias + self.rel_src(b).permute(0, 3, 1, 2)  # (R, H, P, P)
+        return bias
+
     def forward(self, batch) -> SideOutput:
         s = self.spec
-        ids, mask = batch.src_ids, batch.src_mask  # (B, T)
+        ids, mask = batch.src_ids, batch.src_mask  # (B, T) padded, (R, P) packed
+        packed = batch.seg is not None
         emb, ladders = self._ladders(batch.states, SRC)
         if emb is None:
             emb = self._embed(ids)
-        if s.family == "t5":
-            bias = pad_bias(mask) + self._rel_bias(self.rel_src, ids.shape[1], ids.shape[1], True, ids.device)
-        elif s.family == "decoder":
-            bias = pad_bias(mask) + causal_bias(ids.shape[1], ids.device)
-        else:
-            bias = pad_bias(mask)
+        bias = self._src_bias(batch)
         selective = self.training and s.select_k > 0
+        if selective and packed:
+            raise ConfigError("select_k: token-selective training takes padded batches; turn packing off")
         if selective:  # token-selective training: only k source positions keep activations for backward
             sel, sel_mask = select_positions(mask, s.select_k)
             x_sel, x = self.src.selective(emb, ladders, bias, sel)
             if s.family == "t5":  # the side decoder sees every position; only the selected carry grad
                 x = x.scatter(1, sel[..., None].expand(-1, -1, x.shape[-1]), x_sel)
         else:
-            x = self.src(emb, ladders, bias)  # (B, T, d/r)
+            x = self.src(emb, ladders, bias, pos=batch.pos if packed else None)  # (B, T, d/r)
+        n_ex = batch.labels.shape[0] if batch.labels is not None else (
+            int(batch.seg.max()) + 1 if packed else ids.shape[0])
 
         if s.family == "encoder":
             x, mask = (x_sel, sel_mask) if selective else (x, mask)  # training pools the selected positions
@@ -574,23 +617,34 @@ class SideNetwork(nn.Module):
                     h_last = h_last.gather(1, sel[..., None].expand(-1, -1, h_last.shape[-1]))
                 h = self._late(h, h_last)
             m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
+            if packed:  # mean over each example's slots: (n, d)
+                seg = batch.seg.clamp(min=0).reshape(-1)
+                tot = h.new_zeros(n_ex, h.shape[-1]).index_add_(0, seg, (h * m).reshape(-1, h.shape[-1]))
+                cnt = h.new_zeros(n_ex).index_add_(0, seg, m.reshape(-1))
+                pooled = tot / cnt.clamp(min=1)[:, None]
+            else:
+                pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
             scores = self.head(pooled)  # (B, C) or (B, 1)
             return SideOutput(self._head_loss(scores, batch.labels), scores)
 
         if s.family == "decoder":
-            last = mask.long().sum(1) - 1  # right padding: last real token
-            h = self.up(x[torch.arange(x.shape[0], device=x.device), last])  # (B, d)
+            flat = x.reshape(-1, x.shape[-1])
+            last = last_slots(batch, n_ex)  # (B,) flat index of each example's last token
+            h = self.up(flat[last])  # (B, d)
             if s.mixes_final:
                 h_last = self._last_state(batch.states, SRC)
-                h = self._late(h, h_last[torch.arange(h_last.shape[0], device=h.device), last])
+                h = self._late(h, h_last.reshape(-1, h_last.shape[-1])[last])
             verb = torch.tensor(s.verbalizer_ids, device=h.device)
             logits = self._lm_logits(h)[:, verb]  # (B, C): classification by verbalizer tokens
             return SideOutput(self._head_loss(logits, batch.labels), logits)
 
-        # T5: side decoder over each target row, cross-attending to its source row's side encoder output
-        rows = batch.tgt_row  # (N,) which source example each target row belongs to
-        enc, enc_mask = x[rows], mask[rows]  # (N, T, d/r)
+        # T5: side decoder over each target row, cross-attending to its source example's side encoder output
+        rows = batch.tgt_row  # (N,) which example each target row belongs to
+        if packed:
+            row_of = example_rows(batch, n_ex)  # (B,) packed row holding each example
+            enc, enc_mask = x[row_of[rows]], batch.seg[row_of[rows]] == rows[:, None]  # (N, P, d/r), (N, P)
+        else:
+            enc, enc_mask = x[rows], mask[rows]  # (N, T, d/r)
         t_ids, t_mask = batch.tgt_ids, batch.tgt_mask  # (N, U)
         _, t_ladders = self._ladders(batch.states, TGT)
         U = t_ids.shape[1]
@@ -618,7 +672,9 @@ class SideNetwork(nn.Module):
 class LadderBatch:
     """One mini-batch for the side network, from the store or from a live backbone.
 
-    src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt);
+    src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt); labels (B,).
+    Packed layout (pipeline/batches.py): the same fields are (R, P) rows of several examples each, `seg` says
+    which example (0..B-1) a slot holds and `pos` its position there; labels stay (B,), one per example.
     T5 only: tgt_ids/tgt_mask/tgt_labels (N, U) decoder inputs, mask, targets (-100 = ignore);
     tgt_row (N,) source row of each target row; n_candidates: C when every row's C candidates are
     present in order (scores come back as (B, C)), 0 for teacher forcing on the gold target only.
@@ -634,6 +690,8 @@ class LadderBatch:
     tgt_row: torch.Tensor | None = None
     tgt_cand: torch.Tensor | None = None  # (N,) candidate index of each target row
     n_candidates: int = 0
+    seg: torch.Tensor | None = None  # packed layout: (R, P) example of each slot (-1 empty); None = padded
+    pos: torch.Tensor | None = None  # packed layout: (R, P) position of each slot in its example
 
     def to(self, device, dtype=None):
         # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
@@ -650,7 +708,7 @@ class LadderBatch:
             self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
             states={k: mv(v) for k, v in self.states.items()}, labels=mv(self.labels), tgt_ids=mv(self.tgt_ids),
             tgt_mask=mv(self.tgt_mask), tgt_labels=mv(self.tgt_labels), tgt_row=mv(self.tgt_row),
-            tgt_cand=mv(self.tgt_cand))
+            tgt_cand=mv(self.tgt_cand), seg=mv(self.seg), pos=mv(self.pos))
 
     @property
     def n_tokens(self) -> int:

@@ -80,12 +80,16 @@ class Setup:
     init_info: dict
 
 
-def setup(cfg: TrainConfig, log=print) -> Setup:
+def open_stores(cfg: TrainConfig) -> tuple[LadderStore, LadderStore | None]:
     train = open_store(cfg, "train")
     if train.n == 0 or (cfg.limit and cfg.limit < 1):
         raise DataError(f"{train.path}: the training split is empty")
     val_path = Path(cfg.cache) / "validation.zarr"
-    val = open_store(cfg, "validation") if val_path.exists() else None
+    return train, (open_store(cfg, "validation") if val_path.exists() else None)
+
+
+def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
+    train, val = stores or open_stores(cfg)
     fp = train.fingerprint
     hf_cfg = bbm.load_config(cfg.backbone)
     verb = [int(c[0]) for c in train.cand] if fp["family"] == "decoder" else []
@@ -142,84 +146,265 @@ def peak_memory_mb(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
 
 
+def read_options(cfg: TrainConfig, store: LadderStore, device) -> dict:
+    """How batches are read (shared by every config of a sweep): layout, batch formation, where rows live."""
+    return dict(ram_budget_mb=cfg.ram_budget_mb, device=device, device_budget_mb=cfg.device_cache_mb,
+                pack_len=store.longest if cfg.pack else 0, batch_tokens=cfg.batch_tokens, limit=cfg.limit)
+
+
+def data_seed(cfg: TrainConfig) -> int:
+    """The seed of the example order (-1: the run's seed, so a plain run needs only --seed)."""
+    return cfg.seed if cfg.data_seed < 0 else cfg.data_seed
+
+
+class Run:
+    """One side network's training state: optimizer, schedule, curves, best epoch, its own RNG stream (so
+    configs sharing a process, as in a sweep, each draw exactly the dropout masks they would alone)."""
+
+    def __init__(self, cfg: TrainConfig, s: Setup, log=print):
+        self.cfg, self.s, self.log = cfg, s, log
+        self.task = get_task(cfg.task)
+        self.out = Path(cfg.out)
+        (self.out / "plots").mkdir(parents=True, exist_ok=True)
+        store = s.train
+        self.n = min(store.n, cfg.limit) if cfg.limit else store.n
+        self.steps_per_epoch = len(list(store.epoch_plan(self.n, s.names, cfg.batch_size, True, data_seed(cfg), 0,
+                                                         cfg.ram_budget_mb, batch_tokens=cfg.batch_tokens)))
+        total = self.steps_per_epoch * cfg.epochs
+        warmup = max(1, min(cfg.warmup_steps, total // 10))  # paper: 500 steps; short runs would never leave warmup
+        self.params = [p for p in s.net.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(warmup, total))
+        self.state = {"curves": [], "epoch": -1, "best": None}  # best: {"epoch": e (1-based), "value": v}
+        self.ckpt = self.out / CHECKPOINT
+        if cfg.resume and self.ckpt.exists():
+            self.state = load_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched)
+            log(f"resuming after epoch {self.state['epoch'] + 1} of {cfg.epochs}")
+        else:
+            torch.manual_seed(cfg.seed)  # dropout stream of a fresh run
+        self.rng = _rng_get(s.device)
+        self.key = f"val_{self.task.metric}"
+        self.tokens, self.train_time = 0, 0.0
+        self._epoch_start()
+
+    def trains_in(self, epoch: int) -> bool:
+        return self.state["epoch"] < epoch < self.cfg.epochs
+
+    def _epoch_start(self):
+        self.t0, self.ep_tokens, self.losses, self.ep_time = time.perf_counter(), 0, [], 0.0
+
+    def step(self, batch: LadderBatch):
+        s, dev = self.s, self.s.device
+        t0 = time.perf_counter()
+        _rng_set(dev, self.rng)
+        s.net.train()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with amp:
+            loss = s.net(batch).loss
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.rng = _rng_get(dev)
+        self.losses.append(loss.detach())
+        self.ep_tokens += batch.n_tokens
+        self.ep_time += time.perf_counter() - t0
+
+    def end_epoch(self, epoch: int, shared_time: float | None = None):
+        """Validation, curves, best-epoch weights and the resume checkpoint after `epoch` (0-based)."""
+        s, cfg = self.s, self.cfg
+        dt = shared_time if shared_time is not None else self.ep_time
+        self.tokens, self.train_time = self.tokens + self.ep_tokens, self.train_time + dt
+        row = {"epoch": epoch + 1, "train_loss": float(torch.stack(self.losses).float().mean()),
+               "tokens_per_s": self.ep_tokens / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]}
+        if s.val is not None:
+            row.update({f"val_{k}": v for k, v in evaluate_split(s.net, s.val, s.device, cfg, s.feed).items()})
+        st = self.state
+        st["curves"].append(row)
+        self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        _write_curves(self.out / CURVES, st["curves"])
+        if s.val is None or st["best"] is None or row[self.key] > st["best"]["value"]:
+            # ties keep the earlier epoch, as the HF Trainer's best-model tracking does
+            st["best"] = {"epoch": epoch + 1, "value": row.get(self.key)}
+            save_side(self.out, s.net, cfg, s.train, s.init_info)
+        st["epoch"] = epoch
+        _rng_set(s.device, self.rng)  # the checkpoint stores this run's own stream
+        save_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched, st)
+        self._epoch_start()
+
+    def finish(self) -> dict:
+        s, cfg, st = self.s, self.cfg, self.state
+        peak, kind = peak_memory_mb(s.device)
+        curves, best = st["curves"], st["best"]
+        metrics = {"trainable_params": s.net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
+                   "train_tokens_per_s": (self.tokens / self.train_time) if self.train_time else None,
+                   "epochs": cfg.epochs, "seed": cfg.seed, "data_seed": data_seed(cfg), "feed": cfg.feed,
+                   "init": cfg.init, "r": cfg.r, "variant": cfg.variant, "train_examples": self.n,
+                   "final_train_loss": curves[-1]["train_loss"] if curves else None, "best_epoch": best["epoch"],
+                   "selected_by": self.key if s.val is not None else "last epoch (no validation split)"}
+        if s.val is not None:
+            metrics.update({k: v for k, v in curves[best["epoch"] - 1].items() if k.startswith("val_")})
+            metrics[f"last_epoch_{self.key}"] = curves[-1][self.key]
+        atomic_json(self.out / METRICS, metrics)
+        return metrics
+
+
+def _rng_get(device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _rng_set(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, evaluating on validation after every epoch. `side.safetensors` holds the epoch with the best
     validation headline metric (the official code's load_best_model_at_end); the last epoch's state goes to
     the resume checkpoint. Without a validation split the last epoch is kept."""
+    if cfg.sweep:
+        return sweep(cfg, log)
     s = setup(cfg, log)
-    net, store, device = s.net, s.train, s.device
-    task = get_task(cfg.task)
-    out = Path(cfg.out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    n = min(store.n, cfg.limit) if cfg.limit else store.n
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, min(cfg.warmup_steps, total // 10))  # paper: 500 steps; short runs would never leave warmup
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total))
-    state = {"curves": [], "epoch": -1, "best": None}  # best: {"epoch": e (1-based), "value": v}
-    ckpt = out / CHECKPOINT
-    if cfg.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg, net, opt, sched)
-        log(f"resuming after epoch {state['epoch'] + 1} of {cfg.epochs}")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(cfg.seed) if state["epoch"] < 0 else None
-    key = f"val_{task.metric}"
-    tokens, train_time = 0, 0.0
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        net.train()
-        t0, ep_tokens, losses = time.perf_counter(), 0, []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
-        for batch in store.batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                   epoch=epoch, limit=cfg.limit, ram_budget_mb=cfg.ram_budget_mb, device=device,
-                                   device_budget_mb=cfg.device_cache_mb):
+    run = Run(cfg, s, log)
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    read = read_options(cfg, s.train, s.device)
+    for epoch in range(run.state["epoch"] + 1, cfg.epochs):
+        bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
+        for batch in s.train.batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
+                                     seed=data_seed(cfg), epoch=epoch, **read):
             if s.feed is not None:
                 batch = s.feed(batch, s.names, train=True)
-            batch = batch.to(device)
-            with amp:
-                loss = net(batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            ep_tokens += batch.n_tokens
+            run.step(batch.to(s.device))
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{ep_tokens / (time.perf_counter() - t0):.0f}",
-                            mem_mb=f"{peak_memory_mb(device)[0]:.0f}")
+            if bar.n % 20 == 0:  # .item() syncs a GPU: only now and then
+                bar.set_postfix(loss=f"{run.losses[-1].item():.4f}",
+                                tok_s=f"{run.ep_tokens / (time.perf_counter() - run.t0):.0f}",
+                                mem_mb=f"{peak_memory_mb(s.device)[0]:.0f}")
         bar.close()
-        dt = time.perf_counter() - t0
-        tokens, train_time = tokens + ep_tokens, train_time + dt
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "tokens_per_s": ep_tokens / dt,
-               "lr": sched.get_last_lr()[0]}
-        if s.val is not None:
-            row.update({f"val_{k}": v for k, v in evaluate_split(net, s.val, device, cfg, s.feed).items()})
-        state["curves"].append(row)
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        _write_curves(out / CURVES, state["curves"])
-        improved = s.val is None or state["best"] is None or row[key] > state["best"]["value"]
-        if improved:  # ties keep the earlier epoch, as the HF Trainer's best-model tracking does
-            state["best"] = {"epoch": epoch + 1, "value": row.get(key)}
-            save_side(out, net, cfg, store, s.init_info)
-        state["epoch"] = epoch
-        save_checkpoint(ckpt, cfg, net, opt, sched, state)
+        run.end_epoch(epoch, shared_time=time.perf_counter() - run.t0)
         crash_point(KILL_ENV, epoch + 1)  # test hook: die like kill -9 right after this checkpoint
-    peak, kind = peak_memory_mb(device)
-    curves, best = state["curves"], state["best"]
-    metrics = {"trainable_params": net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
-               "train_tokens_per_s": (tokens / train_time) if train_time else None, "epochs": cfg.epochs,
-               "seed": cfg.seed, "feed": cfg.feed, "init": cfg.init, "r": cfg.r, "variant": cfg.variant,
-               "train_examples": n, "final_train_loss": curves[-1]["train_loss"] if curves else None,
-               "best_epoch": best["epoch"], "selected_by": key if s.val is not None else "last epoch (no validation split)"}
-    if s.val is not None:
-        metrics.update({k: v for k, v in curves[best["epoch"] - 1].items() if k.startswith("val_")})
-        metrics[f"last_epoch_{key}"] = curves[-1][key]
-    atomic_json(out / METRICS, metrics)
-    return metrics
+    return run.finish()
+
+
+SWEEP_KEYS = ("lr", "seed", "r", "init", "side_init", "layers", "decoder_layers", "variant", "select_k", "epochs",
+              "mix_final", "weight_decay", "warmup_steps", "grad_clip", "dropout", "attn_dropout", "ff_dropout",
+              "emb_dropout", "final_dropout")
+SWEEP_TABLE = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+
+
+def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of every config of a sweep: the cartesian product of the sweep's lists, plus its
+    `configs` entries. Every config reads the same batches: one example order (data_seed), one batch
+    formation and layout, the cache feed."""
+    import itertools
+
+    import yaml
+
+    spec = base.sweep
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.exists():
+            raise ConfigError(f"sweep: {path} does not exist; give a YAML file of lists, e.g. 'lr: [0.001, 0.003]'")
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"sweep: {path} is not valid YAML ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError("sweep: expected a mapping of keys to lists of values (and an optional `configs` list)")
+    extra = spec.get("configs", []) or []
+    grid = {k: v if isinstance(v, list) else [v] for k, v in spec.items() if k != "configs"}
+    bad = sorted((set(grid) | {k for c in extra for k in c}) - set(SWEEP_KEYS))
+    if bad:
+        raise ConfigError(f"sweep: keys {bad} cannot vary within a sweep (its configs share every batch); "
+                          f"allowed: {', '.join(SWEEP_KEYS)}")
+    if base.feed != "cache":
+        raise ConfigError("sweep: runs from the cache only (--feed cache)")
+    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else []
+    combos += [dict(c) for c in extra]
+    if not combos:
+        raise ConfigError("sweep: no configs; give at least one key with a list of values")
+    common = dict(sweep="", data_seed=data_seed(base))
+    out = []
+    for over in combos:
+        name = "-".join(f"{k}{v}" for k, v in over.items()).replace("/", "_") or "base"
+        cfg = dataclasses.replace(base, **common, **over, out=str(Path(base.out) / name))
+        out.append((name, cfg))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep: two configs share a name ({names}); make each config differ")
+    return out
+
+
+def sweep(base: TrainConfig, log=print) -> dict:
+    """Train every config of a sweep from one read of each batch: the batch is assembled once (on the device
+    when the split fits) and each config takes its step on it in turn, with its own RNG stream, so a config
+    ends exactly where it would alone (same seed and data_seed). Each config gets its own run folder; the
+    sweep writes a table and names the best config on validation, whose artifacts are also copied to --out
+    so evaluate and predict use it directly."""
+    import shutil
+
+    configs = sweep_configs(base)
+    stores = open_stores(base)
+    runs = []
+    for name, cfg in configs:
+        log(f"[{name}]")
+        runs.append((name, Run(cfg, setup(cfg, log, stores), lambda msg, n=name: log(f"[{n}] {msg}"))))
+    train_store, device = stores[0], runs[0][1].s.device
+    names = sorted({n for _, r in runs for n in r.s.names})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    read = read_options(base, train_store, device)
+    epochs = max(cfg.epochs for _, cfg in configs)
+    first = min(r.state["epoch"] for _, r in runs) + 1
+    for epoch in range(first, epochs):
+        active = [r for _, r in runs if r.trains_in(epoch)]
+        if not active:
+            continue
+        t0 = time.perf_counter()
+        steps = len(list(train_store.epoch_plan(runs[0][1].n, names, base.batch_size, True, data_seed(base), epoch,
+                                                base.ram_budget_mb, batch_tokens=base.batch_tokens)))
+        bar = tqdm(total=steps, desc=f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", file=sys.stderr,
+                   disable=None)
+        for batch in train_store.batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
+                                         **read):
+            for r in active:
+                r.step(batch)
+            bar.update(1)
+        bar.close()
+        wall = time.perf_counter() - t0
+        for r in active:
+            r.end_epoch(epoch, shared_time=wall)
+        crash_point(KILL_ENV, epoch + 1)
+    rows = []
+    for name, r in runs:
+        m = r.finish()
+        rows.append({"name": name, "out": str(r.out), **{k: getattr(r.cfg, k) for k in SWEEP_KEYS
+                                                            if getattr(r.cfg, k) != getattr(base, k)},
+                     "best_epoch": m["best_epoch"], r.key: m.get(r.key), "trainable_params": m["trainable_params"],
+                     "train_tokens_per_s_shared": m["train_tokens_per_s"]})
+    key = runs[0][1].key
+    has_val = rows[0].get(key) is not None
+    best = max(rows, key=lambda row: row[key]) if has_val else rows[0]
+    out = Path(base.out)
+    summary = {"best": best["name"], "selected_by": key if has_val else "first config (no validation split)",
+               "configs": rows, "sweep_tokens_per_s": sum(r.tokens for _, r in runs) / max(
+                   sum(r.train_time for _, r in runs) / len(runs), 1e-9)}
+    with atomic_path(out / SWEEP_TABLE) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(dict.fromkeys(k for row in rows for k in row)))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES):  # the best config, where evaluate and predict look
+        with atomic_path(out / f) as tmp:
+            shutil.copyfile(Path(best["out"]) / f, tmp)
+    atomic_json(out / SWEEP_JSON, summary)
+    log(f"sweep: {len(rows)} configs; best on {summary['selected_by']}: {best['name']} ({best.get(key)})")
+    return {**json.loads((out / METRICS).read_text()), "sweep_best": best["name"], "sweep_configs": len(rows),
+            "sweep_tokens_per_s": summary["sweep_tokens_per_s"]}
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict) -> None:
@@ -278,7 +463,8 @@ def _resumable(cfg: TrainConfig) -> dict:
 
 def evaluate_split(net, store, device, cfg, feed=None) -> dict:
     task = get_task(cfg.task)
-    scores = ev.score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb)
+    scores = ev.score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb,
+                            pack_len=store.longest if cfg.pack and feed is None else 0)
     pred = ev.predictions(scores, task.kind, task.regression_bins)
     return ev.task_metrics(task.kind, pred, store.labels[: len(pred)])
 

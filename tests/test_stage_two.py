@@ -249,3 +249,80 @@ def test_dvc_stage_deps_list_every_module_the_stage_imports(stage):
     imported = {str(p.relative_to(ROOT)) for p in _pipeline_imports(ROOT / "stages" / f"{stage}.py", set())}
     imported.add(f"stages/{stage}.py")
     assert imported - {"pipeline/__init__.py", "stages/__init__.py"} <= deps, imported - deps
+
+
+def test_packed_training_follows_the_padded_curve(cached):
+    bb, task, tmp = cached
+    no_dropout = ["--dropout", "0", "--attn-dropout", "0", "--ff-dropout", "0", "--emb-dropout", "0",
+                  "--final-dropout", "0"]
+    ok(cli("train_side", train_args(bb, task, tmp, "padded", *no_dropout)))
+    ok(cli("train_side", train_args(bb, task, tmp, "packed", "--pack", *no_dropout)))
+    a = read_curves(tmp / "padded" / "plots" / "curves.csv")
+    b = read_curves(tmp / "packed" / "plots" / "curves.csv")
+    for x, y in zip(a, b):
+        assert abs(float(x["train_loss"]) - float(y["train_loss"])) < 1e-4
+        assert x["val_accuracy"] == y["val_accuracy"]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "side.safetensors"))
+
+
+def test_a_sweep_trains_every_config_as_it_would_train_alone(cached):
+    """One read of each batch for 4 configs (2 lrs x 2 seeds); each ends bit for bit where it ends alone with
+    the same seed and data_seed (own RNG stream, own optimizer), and the best on validation is at --out."""
+    bb, task, tmp = cached
+    (tmp / "sweep.yaml").write_text("lr: [0.003, 0.01]\nseed: [0, 1]\n")
+    res = ok(cli("train_side", train_args(bb, task, tmp, "sw", "--sweep", str(tmp / "sweep.yaml"), "--seed", "7")))
+    summary = json.loads((tmp / "sw" / "sweep.json").read_text())
+    assert [c["name"] for c in summary["configs"]] == ["lr0.003-seed0", "lr0.003-seed1", "lr0.01-seed0",
+                                                       "lr0.01-seed1"]
+    for name, lr, seed in (("lr0.003-seed1", "0.003", "1"), ("lr0.01-seed0", "0.01", "0")):
+        ok(cli("train_side", train_args(bb, task, tmp, f"alone-{name}", "--lr", lr, "--seed", seed,
+                                        "--data-seed", "7")))
+        a, b = _weights(tmp / "sw" / name), _weights(tmp / f"alone-{name}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert read_curves(tmp / "sw" / name / "plots" / "curves.csv")[-1]["train_loss"] == \
+            read_curves(tmp / f"alone-{name}" / "plots" / "curves.csv")[-1]["train_loss"]
+    best = summary["best"]
+    vals = {c["name"]: c["val_accuracy"] for c in summary["configs"]}
+    assert vals[best] == max(vals.values())
+    top = _weights(tmp / "sw")
+    assert all(torch.equal(top[k], v) for k, v in _weights(tmp / "sw" / best).items())
+    rows = read_curves(tmp / "sw" / "sweep.csv")
+    assert len(rows) == 4 and {"name", "lr", "seed", "best_epoch", "val_accuracy"} <= set(rows[0])
+    assert "sweep: 4 configs" in res.output
+    ok(cli("evaluate", ["--run", str(tmp / "sw"), "--cache", str(tmp / "cache"), "--out", str(tmp / "sw" / "eval"),
+                        "--device", "cpu"]))
+
+
+def test_a_sweep_mixes_shapes_and_lengths_and_resumes_after_kill_9(cached):
+    import os
+    import subprocess
+    import sys
+
+    bb, task, tmp = cached
+    (tmp / "sweep.yaml").write_text("configs:\n  - {r: 2, epochs: 3}\n  - {r: 4, epochs: 2, init: random}\n")
+    args = train_args(bb, task, tmp, "full", "--sweep", str(tmp / "sweep.yaml"))
+    ok(cli("train_side", args))
+    cmd = [sys.executable, "-m", "stages.train_side", "--params", "none"] + train_args(
+        bb, task, tmp, "killed", "--sweep", str(tmp / "sweep.yaml"))
+    died = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, LADDER_CACHE_KILL_AFTER_EPOCH="1"),
+                          capture_output=True, text=True)
+    assert died.returncode == -9, died.stderr
+    again = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    for name in ("r2-epochs3", "r4-epochs2-initrandom"):
+        a, b = _weights(tmp / "full" / name), _weights(tmp / "killed" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        epochs = len(read_curves(tmp / "full" / name / "plots" / "curves.csv"))
+        assert epochs == (3 if name.startswith("r2") else 2)
+
+
+def test_a_sweep_refuses_keys_its_configs_cannot_vary(cached):
+    bb, task, tmp = cached
+    (tmp / "bad.yaml").write_text("batch_size: [8, 16]\n")
+    res = cli("train_side", train_args(bb, task, tmp, "bad", "--sweep", str(tmp / "bad.yaml")))
+    assert res.exit_code == 2 and "batch_size" in res.output and "cannot vary" in res.output
