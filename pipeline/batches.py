@@ -32,7 +32,9 @@ from pipeline.layout import TGT
 
 def layout(lengths: np.ndarray, pack_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(R, P) segment ids (example index in the batch, -1 for an empty slot) and positions in the example.
-    pack_len 0: padded, one example per row; else greedy in order into rows of pack_len slots."""
+    pack_len 0: padded, one example per row. Else first-fit decreasing into rows of pack_len slots: longest
+    example first, each into the first row with room (on rt-snippets lengths, rows of 64 end up ~95% full;
+    in order, a row closes as soon as the next example does not fit and ~27% of slots stay empty)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if not pack_len:
         P = int(lengths.max())
@@ -41,12 +43,15 @@ def layout(lengths: np.ndarray, pack_len: int = 0) -> tuple[np.ndarray, np.ndarr
         return seg, pos
     if lengths.max() > pack_len:
         raise ValueError(f"an example of {lengths.max()} tokens does not fit a packed row of {pack_len}")
-    row_of, start_of, fill = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64), [0]
-    for i, n in enumerate(lengths):
-        if fill[-1] + n > pack_len:
+    row_of, start_of, fill = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64), []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = lengths[i]
+        r = next((r for r, f in enumerate(fill) if f + n <= pack_len), None)
+        if r is None:
+            r = len(fill)
             fill.append(0)
-        row_of[i], start_of[i] = len(fill) - 1, fill[-1]
-        fill[-1] += n
+        row_of[i], start_of[i] = r, fill[r]
+        fill[r] += n
     seg = np.full((len(fill), pack_len), -1, np.int64)
     pos = np.zeros((len(fill), pack_len), np.int64)
     for i, n in enumerate(lengths):

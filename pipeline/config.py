@@ -195,6 +195,10 @@ class TrainConfig:
                         "--out/<name>, the best on validation also in --out. In params.yaml the mapping may be "
                         "inline. Keys that may vary: lr, seed, r, init, side_init, layers, decoder_layers, variant, "
                         "select_k, epochs, mix_final, weight_decay, warmup_steps, grad_clip and the dropouts.")
+    sweep_exact: bool = _f(False, "Sweep: step every config on its own, with its own dropout stream, so each ends "
+                                  "bit for bit where it would alone. Default: configs of one side-net shape run as "
+                                  "one stacked computation (torch.func.vmap), equal to alone to float tolerance "
+                                  "without dropout and in distribution with it.")
     resume: bool = _f(False, "Continue from the last epoch checkpoint in --out.")
     device: str = _f("auto", "auto|cpu|cuda.")
     max_length: int = _f(64, "Token limit for --feed backbone (must equal the cache's).")

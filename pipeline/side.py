@@ -58,6 +58,18 @@ from pipeline.errors import ConfigError
 from pipeline.layout import EMB, SRC, TGT, state_name
 
 GATE_T = 0.1  # paper sec. 3.2
+_MATH_ATTENTION = [False]  # set while pipeline/stacked.py runs side nets under torch.func.vmap
+
+
+def attention(q, k, v, bias, dropout_p: float, scale: float | None):
+    """softmax(q k^T * scale + bias) v, (B, H, T, hs). torch's fused SDPA, except under vmap (the stacked
+    configs of a sweep), where the CPU flash kernel has no batching rule and would loop over configs."""
+    if not _MATH_ATTENTION[0]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if bias is not None:
+        s = s + bias
+    return F.dropout(torch.softmax(s.float(), -1).to(q.dtype), dropout_p) @ v
 NEG = -1e9  # additive mask value; finite so a fully padded query row cannot turn into NaN
 
 
@@ -235,8 +247,7 @@ class Attention(nn.Module):
         if self.hkv != self.h:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                           dropout_p=self._p(), scale=self.scale)
+        y = attention(q, k, v, None if bias is None else bias.to(q.dtype), self._p(), self.scale)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hs))  # (B, T, d)
 
     def selective(self, x_sel, x_all, sel, bias_sel):
@@ -253,8 +264,7 @@ class Attention(nn.Module):
         idx = sel[:, None, :, None].expand(-1, self.h, -1, self.hs)
         kk = k_all.scatter(2, idx, heads(self.k(x_sel)))
         vv = v_all.scatter(2, idx, heads(self.v(x_sel)))
-        y = F.scaled_dot_product_attention(heads(self.q(x_sel)), kk, vv, attn_mask=bias_sel.to(x_sel.dtype),
-                                           dropout_p=self._p(), scale=self.scale)
+        y = attention(heads(self.q(x_sel)), kk, vv, bias_sel.to(x_sel.dtype), self._p(), self.scale)
         return self.o(y.transpose(1, 2).reshape(B, k, self.h * self.hs))
 
 
@@ -619,8 +629,9 @@ class SideNetwork(nn.Module):
             m = mask.unsqueeze(-1).to(h.dtype)
             if packed:  # mean over each example's slots: (n, d)
                 seg = batch.seg.clamp(min=0).reshape(-1)
-                tot = h.new_zeros(n_ex, h.shape[-1]).index_add_(0, seg, (h * m).reshape(-1, h.shape[-1]))
-                cnt = h.new_zeros(n_ex).index_add_(0, seg, m.reshape(-1))
+                # out of place: the sweep's stacked training runs this under torch.func.vmap
+                tot = h.new_zeros(n_ex, h.shape[-1]).index_add(0, seg, (h * m).reshape(-1, h.shape[-1]))
+                cnt = m.new_zeros(n_ex).index_add(0, seg, m.reshape(-1))
                 pooled = tot / cnt.clamp(min=1)[:, None]
             else:
                 pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM

@@ -339,6 +339,19 @@ def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
     return out
 
 
+def _groups(active: list, exact: bool) -> tuple[list, list]:
+    """Runs stepped one by one, and stacks of same-shape runs stepped as one computation (pipeline/stacked.py)."""
+    from pipeline.stacked import StackedRuns, can_stack, shape_key
+
+    if exact:
+        return list(active), []
+    by_shape: dict[str, list] = {}
+    for r in active:
+        by_shape.setdefault(shape_key(r) if can_stack(r) else f"alone-{id(r)}", []).append(r)
+    alone = [rs[0] for rs in by_shape.values() if len(rs) == 1]
+    return alone, [StackedRuns(rs) for rs in by_shape.values() if len(rs) > 1]
+
+
 def sweep(base: TrainConfig, log=print) -> dict:
     """Train every config of a sweep from one read of each batch: the batch is assembled once (on the device
     when the split fits) and each config takes its step on it in turn, with its own RNG stream, so a config
@@ -369,12 +382,21 @@ def sweep(base: TrainConfig, log=print) -> dict:
                                                 base.ram_budget_mb, batch_tokens=base.batch_tokens)))
         bar = tqdm(total=steps, desc=f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", file=sys.stderr,
                    disable=None)
+        alone, stacks = _groups(active, exact=base.sweep_exact)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         for batch in train_store.batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
                                          **read):
-            for r in active:
+            for r in alone:
                 r.step(batch)
+            for st in stacks:
+                losses = st.step(batch, amp)
+                for k, r in enumerate(st.runs):
+                    r.losses.append(losses[k])
+                    r.ep_tokens += batch.n_tokens
             bar.update(1)
         bar.close()
+        for st in stacks:
+            st.unstack()
         wall = time.perf_counter() - t0
         for r in active:
             r.end_epoch(epoch, shared_time=wall)

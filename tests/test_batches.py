@@ -91,10 +91,10 @@ def test_padded_batches_equal_a_plain_reference_and_the_device_resident_rowset(f
             _same(a, reference_padded(store, idx, names, all_candidates))
 
 
-def test_packed_layout_fills_rows_in_order_and_restarts_positions():
-    seg, pos = layout(np.array([3, 4, 2, 5]), pack_len=8)
-    assert seg.tolist() == [[0, 0, 0, 1, 1, 1, 1, -1], [2, 2, 3, 3, 3, 3, 3, -1]]
-    assert pos.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 3, 4, 0]]
+def test_packed_layout_fills_rows_first_fit_longest_first_and_restarts_positions():
+    seg, pos = layout(np.array([3, 4, 2, 5]), pack_len=8)  # first fit, longest first: 5+3, 4+2
+    assert seg.tolist() == [[3, 3, 3, 3, 3, 0, 0, 0], [1, 1, 1, 1, 2, 2, -1, -1]]
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]]
     seg, pos = layout(np.array([3, 1]))
     assert seg.tolist() == [[0, 0, 0], [1, -1, -1]] and pos.tolist() == [[0, 1, 2], [0, 1, 2]]
     with pytest.raises(ValueError, match="does not fit"):
