@@ -73,7 +73,8 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
         raise StoreError(f"{cfg.out}: {free / 2**20:.0f} MiB free, the store needs about {raw / 2**20:.0f} MiB; "
                          "free space or pick another --out")
     first = writer.open(resume=cfg.resume, overwrite=cfg.overwrite)
-    if first >= n:
+    if writer.complete:
+        ls.LadderStore(path)  # the open-time checks: a damaged store is reported, not reused
         log(f"[{split}] {path} is complete for this config; nothing to do")
         return path
     # Forward batches are a function of the example index alone (boundaries at multiples of batch_size

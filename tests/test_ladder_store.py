@@ -17,7 +17,7 @@ from pipeline import cache
 from pipeline.config import CacheConfig
 from pipeline.errors import FingerprintMismatch, StoreError
 from pipeline.inspect import open_ladders, summarize
-from pipeline.ladder_store import LAYERS, LadderStore
+from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,11 +118,14 @@ def test_kill_9_of_the_cli_then_resume_gives_bit_identical_store(tiny_t5, toy_ta
 
 
 def differing_arrays(a_path, b_path) -> list[str]:
-    """Arrays of two stores that are not equal bit for bit (stored values, not decoded floats)."""
+    """Arrays of two stores that are not equal bit for bit (stored values, not decoded floats), and files
+    whose recorded sha256 differ (identical records: every file of the two stores is byte-identical)."""
     a, b = LadderStore(a_path), LadderStore(b_path)
     assert a.names == b.names
-    bad = [name for name in a.names if not np.array_equal(a.layers[name][:], b.layers[name][:])]
-    return bad + [k for k in ("offsets", "src_ids", "labels") if not np.array_equal(getattr(a, k), getattr(b, k))]
+    bad = [name for name in a.names if not np.array_equal(a.rows(name, 0, a.layers[name].shape[0]),
+                                                          b.rows(name, 0, b.layers[name].shape[0]))]
+    bad += [k for k in ("offsets", "src_ids", "labels") if not np.array_equal(getattr(a, k), getattr(b, k))]
+    return bad + sorted(k for k in a.files.keys() | b.files.keys() if a.files.get(k) != b.files.get(k))
 
 
 def assert_same_store(a_path, b_path):
@@ -192,19 +195,6 @@ def test_kill_9_at_every_shard_write_then_resume_gives_bit_identical_store(famil
           f"{inside_batch}; arrays at different shard counts {uneven}")
     assert different == {}, f"kill point -> arrays that differ from the clean run: {different}"
     assert tried >= 20 and inside_batch >= tried // 2 and uneven >= tried // 2  # the hard cases were reached
-
-
-def test_flipped_byte_in_a_chunk_is_detected(tiny_bert, toy_task, tmp_path):
-    _, paths = make_store(tiny_bert, toy_task, tmp_path / "c", splits=["train"])
-    shard = next((paths[0] / LAYERS / "src_01" / "c").rglob("*"))
-    while shard.is_dir():
-        shard = next(shard.iterdir())
-    data = bytearray(shard.read_bytes())
-    data[40] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    store = LadderStore(paths[0])
-    with pytest.raises(Exception, match="(?i)checksum|crc"):
-        store.rows("src_01", 0, store.layers["src_01"].shape[0])
 
 
 def test_fingerprint_mismatch_is_refused_naming_the_field(tiny_bert, toy_task, tmp_path):
