@@ -19,16 +19,19 @@ def run(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     net, meta = load_side(cfg.run, device)
     task = get_task(meta["task"])
-    expect = {"task": task.name, "split": cfg.split, "backbone_sha256": meta["backbone_sha256"]}
-    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=expect)
+    # the run's own backbone and max_length: a store made for another config is refused, every field named
+    expect = {"task": task.name, "backbone_sha256": meta["backbone_sha256"], "max_length": int(meta["max_length"])}
+    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=dict(expect, split=cfg.split))
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    store.require_states(names, f"the side network of {cfg.run}")
     train_path = Path(cfg.cache) / "train.zarr"
     if not train_path.exists():
         raise StoreError(f"{train_path}: the baseline needs the train split's cache; run stage one for it")
+    train = LadderStore(train_path, expect=dict(expect, split="train"))
     scores = ev.score_store(net, store, cfg.batch_size, device)
     pred = ev.predictions(scores, task.kind, task.regression_bins)
     metrics = ev.task_metrics(task.kind, pred, store.labels)
-    metrics.update(ev.frozen_features_baseline(LadderStore(train_path, expect={"task": task.name}), store, task.kind,
-                                               meta["train"].get("limit", 0)))
+    metrics.update(ev.frozen_features_baseline(train, store, task.kind, meta["train"].get("limit", 0)))
     metrics["headline_metric"] = task.metric
     metrics["lst_minus_baseline_pt"] = 100 * (metrics[task.metric] - metrics[f"baseline_{task.metric}"])
     metrics["examples"] = int(store.n)
