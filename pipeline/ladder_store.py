@@ -105,11 +105,15 @@ def bytes_per_value(dtype: str, codec: str) -> int:
     return np.dtype(storage_dtype(dtype, codec)).itemsize
 
 
+class NonFiniteStates(StoreError):
+    """The backbone gave inf/NaN (or values the stored dtype cannot hold): no store is kept."""
+
+
 def encode_rows(x: torch.Tensor, dtype: str, codec: str) -> tuple[np.ndarray, np.ndarray | None]:
     """(rows, d) float tensor -> stored numpy rows (+ per-row scale for int8). Fails on inf/NaN."""
     x = x.detach()
     if not torch.isfinite(x).all():
-        raise StoreError("backbone produced inf/NaN states; run in fp32 (--device cpu) or check the checkpoint")
+        raise NonFiniteStates("backbone produced inf/NaN states; run in fp32 (--device cpu) or check the checkpoint")
     if codec == "int8":
         xf = x.float()
         scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0  # (rows, 1)
@@ -118,7 +122,7 @@ def encode_rows(x: torch.Tensor, dtype: str, codec: str) -> tuple[np.ndarray, np
     if codec == "bitround" or dtype == "fp16":
         y = x.to(torch.float16)
         if not torch.isfinite(y).all():
-            raise StoreError("states overflow fp16 (T5 activations often do); use --dtype bf16 or fp32")
+            raise NonFiniteStates("states overflow fp16 (T5 activations often do); use --dtype bf16 or fp32")
         return y.cpu().numpy(), None
     if dtype == "bf16":
         return x.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16), None

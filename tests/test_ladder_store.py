@@ -274,53 +274,6 @@ def test_a_split_that_fits_in_ram_is_read_once_and_streamed_groups_give_the_same
         assert torch.equal(v, resident[0][k])
 
 
-# ---------------------------------------------------------------- bad input via the CLI
-
-def run_cli(args, tmp_path):
-    from stages.cache_activations import main
-
-    return CliRunner().invoke(main, ["--params", "none", "--device", "cpu"] + args, catch_exceptions=False)
-
-
-def write_csv_task(tmp_path, rows, text_col="sentence1"):
-    import pandas as pd
-
-    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
-    (tmp_path / "t.yaml").write_text(f"kind: classification\ntext_columns: [{text_col}]\nlabel_column: label\n"
-                                     "label_names: [a, b]\nfiles: {train: train.csv}\n")
-    return str(tmp_path / "t.yaml")
-
-
-@pytest.mark.parametrize("case,args_fn,message", [
-    ("unknown task", lambda p, bb: ["--task", "nope", "--backbone", bb], "unknown task 'nope'"),
-    ("missing column", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "x", "label": 0}], "text"),
-                                      "--backbone", bb, "--splits", "train"], "missing column 'text'"),
-    ("empty text", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}, {"sentence1": " ", "label": 1}]),
-                                  "--backbone", bb, "--splits", "train"], "row 1 has empty text"),
-    ("label outside set", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 5}]),
-                                         "--backbone", bb, "--splits", "train"], "outside the label set"),
-    ("layer out of range", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}]),
-                                          "--backbone", bb, "--splits", "train", "--layers", "0,7"], "[7] out of range"),
-    ("max_length", lambda p, bb: ["--max-length", "0"], "max_length: must be a positive"),
-    ("backbone", lambda p, bb: ["--task", write_csv_task(p, [{"sentence1": "ok", "label": 0}]), "--splits", "train",
-                                "--backbone", str(p / "no_such_model")], "cannot load config"),
-])
-def test_bad_input_gets_one_clear_error_and_leaves_nothing(case, args_fn, message, tiny_bert, tmp_path):
-    out = tmp_path / "out"
-    res = run_cli(args_fn(tmp_path, tiny_bert) + ["--out", str(out)], tmp_path)
-    assert res.exit_code == 2, res.output
-    assert message in res.output
-    assert not any(out.rglob("*.zarr")) if out.exists() else True
-
-
-def test_unwritable_output_is_refused(tiny_bert, toy_task, tmp_path):
-    ro = tmp_path / "ro"
-    ro.write_text("a file where a folder should be")
-    res = run_cli(["--task", toy_task, "--backbone", tiny_bert, "--splits", "train", "--out", str(ro / "cache")], tmp_path)
-    assert res.exit_code == 2
-    assert "error:" in res.output
-
-
 def test_bbc_topics_from_the_registry_wheel_have_every_topic_as_a_label(tmp_path):
     task = get_task("bbc-topics")
     splits = task.load(tmp_path / "raw", 0)
