@@ -8,7 +8,7 @@ import numpy as np
 from pipeline import evaluate as ev
 from pipeline.backbone import pick_device
 from pipeline.config import EvalConfig
-from pipeline.durable import atomic_json
+from pipeline.durable import atomic_json, atomic_path
 from pipeline.errors import StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
@@ -37,11 +37,12 @@ def run(cfg: EvalConfig) -> dict:
     metrics["examples"] = int(store.n)
     out = Path(cfg.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    atomic_json(out / "metrics.json", metrics)
     rows = ["actual,predicted"] + [f"{a:g},{p:g}" for a, p in zip(store.labels, pred)]
-    (out / "plots" / "predictions.csv").write_text("\n".join(rows) + "\n")
+    with atomic_path(out / "plots" / "predictions.csv") as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
     if task.kind == "classification":
         _confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
+    atomic_json(out / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
 
 
@@ -66,5 +67,6 @@ def _confusion_png(path: Path, y, p, names):
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)

@@ -460,3 +460,13 @@ def test_predict_keeps_one_record_per_input_line(shared, tmp_path):
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["good film", "bad plot"]
+
+
+def test_the_offline_minilm_copy_is_checked_against_its_published_sha256(monkeypatch):
+    """A damaged copy of the packaged MiniLM (same file names, other bytes) fails at load naming the file."""
+    from pipeline import backbone as bbm
+    from pipeline.errors import BackboneError
+
+    monkeypatch.setattr(bbm, "MINILM_SHA256", "0" * 64)  # as if the file's bytes had changed
+    with pytest.raises(BackboneError, match=r"model\.safetensors \(the offline MiniLM copy\) has sha256"):
+        bbm.weights_sha256(bbm.MINILM)
