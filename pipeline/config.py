@@ -72,7 +72,8 @@ class CacheConfig:
     out: str = _f("data/cache", "Output folder; one <split>.zarr store per split.")
     data_dir: str = _f("data/raw", "Where offline datasets are fetched and converted to Parquet.")
     resume: bool = _f(True, "Resume an interrupted store made from the same config.")
-    overwrite: bool = _f(False, "Replace an existing store made from a different config.")
+    overwrite: bool = _f(False, "Replace an existing store made from a different config (with --no-resume: "
+                                "rebuild any existing store, a damaged one included).")
     device: str = _f("auto", "auto|cpu|cuda.")
     seed: int = _f(0, "Seed of the train/validation/test split for tasks without official splits.")
     shard_tokens: int = _f(32768, "Tokens per shard file (also the resume block).")

@@ -177,7 +177,8 @@ def damaged(store: Path, what: str, verdict: str = "the store is damaged") -> St
     """One message for every kind of damage: the store, the array and file, and what to do."""
     split = store.name.removesuffix(".zarr")
     return StoreError(f"ladder store {store}: {what}; {verdict}: rerun stage one for split '{split}' "
-                      f"(python -m stages.cache_activations --splits {split} --out {store.parent} --overwrite)")
+                      f"(python -m stages.cache_activations --splits {split} --out {store.parent} --overwrite "
+                      "--no-resume)")
 
 
 def array_of(rel: str) -> str:
@@ -287,6 +288,8 @@ class StoreWriter:
         """Create or resume; returns the first example index to (re)compute. Raises if the path holds
         another config's store and overwrite is False."""
         prog = self.path / PROGRESS
+        if overwrite and not resume and self.path.exists():
+            shutil.rmtree(self.path)  # rebuild whatever is there, a damaged store included
         if self.path.exists():
             if not prog.exists():
                 if not overwrite and any(self.path.iterdir()):

@@ -182,3 +182,20 @@ def test_verify_reports_the_damaged_file(pristine, tmp_path):
     swap(tmp_path / "train.zarr" / SHARD, tmp_path / "train.zarr" / "layers/src_01/c/2/0")
     res = cli("inspect_cache", ["--verify", str(tmp_path / "train.zarr")])
     assert res.exit_code == 2 and "layers/src_01/c/1/0: content differs" in res.output, res.output
+
+
+def test_the_command_the_error_gives_rebuilds_the_damaged_store(pristine, tmp_path):
+    """The advice in the error line works: its stage-one command replaces the damaged store with a good one."""
+    import shlex
+
+    tiny_bert, task, root = pristine
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(root / "cache", cache_dir)
+    swap(cache_dir / "train.zarr" / SHARD, cache_dir / "train.zarr" / "layers/src_01/c/2/0")
+    err = cli("inspect_cache", [str(cache_dir / "train.zarr")]).output
+    command = shlex.split(re.search(r"\(python -m stages\.cache_activations ([^)]*)\)", err).group(1))
+    res = cli("cache_activations", command + ["--params", "none", "--backbone", tiny_bert, "--task", task,
+                                              "--device", "cpu", "--codec", "none", "--shard-tokens", "32",
+                                              "--chunk-tokens", "16"])
+    assert res.exit_code == 0, res.output
+    assert cli("inspect_cache", ["--verify", str(cache_dir / "train.zarr")]).exit_code == 0
