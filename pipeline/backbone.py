@@ -37,7 +37,34 @@ def resolve(name: str) -> str:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    """Checkpoint files of a local folder, each safetensors header checked: a truncated or damaged file
+    fails here naming it, instead of deep inside transformers naming only the folder."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type and OSError
+                raise BackboneError(f"backbone: weight file {f} is damaged ({e}); re-download or re-save the model") from None
+    return files
+
+
+_FILE_SHA: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: each stage hashes a folder once
+
+
+def _files_sha256(files: list[Path]) -> str:
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
 
 
 def weights_sha256(name: str, model: torch.nn.Module | None = None) -> str:
@@ -46,17 +73,45 @@ def weights_sha256(name: str, model: torch.nn.Module | None = None) -> str:
     folder = Path(resolve(name))
     files = _weight_files(folder) if folder.is_dir() else []
     if files:
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()
+        sha = _files_sha256(files)
+        if name == MINILM and folder != Path(name) and sha != MINILM_SHA256:
+            raise BackboneError(f"backbone: {files[0]} (the offline MiniLM copy) has sha256 {sha}, not the "
+                                f"published {MINILM_SHA256}: the file is damaged; reinstall {MINILM_PACKAGE[0]}")
+        return sha
     if model is None:
         raise BackboneError(f"backbone: cannot hash {name!r} without loading it")
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def checkpoint_files(name: str) -> list[Path]:
+    """The local checkpoint files of a backbone ([] for a hub name not on disk)."""
+    folder = Path(resolve(name))
+    return _weight_files(folder) if folder.is_dir() else []
+
+
+def check_max_length(cfg, max_length: int, name: str) -> None:
+    """Refuse a max_length past the backbone's learned position table before anything is written: BERT
+    indexes past its table (an IndexError mid-run, which left a 16-file partial store in the audit of
+    issue 14); decoder-only models were trained up to it. T5's relative positions have no such table."""
+    if family_of(cfg.model_type) == "t5":
+        return
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if limit and int(max_length) > int(limit):
+        raise BackboneError(f"max_length: {max_length} is above the position limit of {name} ({limit} tokens, "
+                            f"max_position_embeddings in its config.json); use --max-length {limit} or less")
+
+
+def backbone_identity(name: str) -> dict:
+    """What identifies a backbone in a store's fingerprint, without loading the model: the sha256 of its
+    checkpoint files where they are local (a local folder is hashed like any other, so a folder whose
+    files changed is another backbone), else its hub name (its state-dict hash needs the model)."""
+    folder = Path(resolve(name))
+    if folder.is_dir() and _weight_files(folder):
+        return {"backbone_sha256": weights_sha256(name)}
+    return {"backbone": name}
 
 
 def load_config(name: str):
@@ -124,6 +179,8 @@ def load_backbone(name: str, device: str = "auto", for_grad: bool = False) -> Ba
     path = resolve(name)
     cfg = load_config(name)
     family = family_of(cfg.model_type)
+    if Path(path).is_dir():
+        _weight_files(Path(path))  # a damaged checkpoint file is named before transformers reads it
     dev = pick_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" and not for_grad else torch.float32
     try:
@@ -269,7 +326,7 @@ def load_frozen_tensors(name: str, family: str, final_norm: bool = False) -> dic
         from huggingface_hub import snapshot_download  # users online
 
         folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in _weight_files(folder) if f.suffix == ".safetensors"]
     if not files:
         raise BackboneError(f"backbone: no .safetensors files in {folder}; re-save the model with safetensors")
     want = {"t5": {"embed": ["shared.weight", "encoder.embed_tokens.weight"], "lm_head": ["lm_head.weight"],
@@ -306,8 +363,9 @@ def state_dict_from_files(name: str) -> dict[str, torch.Tensor]:
 
         folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
     sd = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
+    for f in _weight_files(folder):
+        if f.suffix == ".safetensors":
+            sd.update(load_file(str(f)))
     if not sd:
         raise BackboneError(f"backbone: no .safetensors weights in {folder}")
     return sd

@@ -11,11 +11,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline import ladder_store as ls
-from pipeline.backbone import Backbone, decoder_inputs, encode, forward_states, load_backbone, pad, state_names_for
+from pipeline.backbone import (Backbone, check_max_length, checkpoint_files, decoder_inputs, encode, forward_states,
+                               load_backbone, load_config, pad, state_names_for)
 from pipeline.config import CacheConfig
-from pipeline.errors import StoreError
-from pipeline.layout import TGT
-from pipeline.tasks import Task, content_hash, get_task
+from pipeline.durable import owner_lock
+from pipeline.errors import LadderCacheError, StoreError
+from pipeline.layout import TGT, family_of
+from pipeline.tasks import Task, check_targets, content_hash, get_task
 
 
 def resolve_dtype(cfg: CacheConfig, bb: Backbone) -> str:
@@ -77,17 +79,37 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
     if free < raw * 1.1:
         raise StoreError(f"{cfg.out}: {free / 2**20:.0f} MiB free, the store needs about {raw / 2**20:.0f} MiB; "
                          "free space or pick another --out")
-    first = writer.open(resume=cfg.resume, overwrite=cfg.overwrite)
-    if first >= n:
-        log(f"[{split}] {path} is complete for this config; nothing to do")
-        return path
+    with owner_lock(path.with_name(path.name + ".lock"), f"{path} (stage one)"):  # one writer per store
+        first = writer.open(resume=cfg.resume, overwrite=cfg.overwrite)
+        if writer.complete:
+            ls.LadderStore(path)  # the open-time checks: a damaged store is reported, not reused
+            log(f"[{split}] {path} is complete for this config; nothing to do")
+            return path
+        try:
+            tokens, seconds = _write_states(cfg, bb, split, enc, names, lengths, writer, first, dtype, log)
+        except ls.NonFiniteStates:
+            shutil.rmtree(path, ignore_errors=True)  # these examples give inf/NaN on every rerun: no store
+            raise
+    log(f"[{split}] wrote {path}: {ls.LadderStore(path).nbytes_on_disk() / 2**20:.1f} MiB on disk, "
+        f"{tokens / seconds:.0f} tokens/s")
+    return path
+
+
+def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, lengths, writer, first: int, dtype: str,
+                  log) -> tuple[int, float]:
+    n, d = len(lengths), _width(bb)
+    # Forward batches are a function of the example index alone (boundaries at multiples of batch_size
+    # from example 0): the CPU forward is not bit-stable across batch shapes (a batch pads to its longest
+    # example; 29 of 160 tiny-BERT states changed in their last bits when the batch around them changed),
+    # so a resumed run recomputes exactly the clean run's batches. The writer skips rows already on disk.
+    start = first - first % cfg.batch_size
     if first:
-        log(f"[{split}] resuming at example {first} of {n}")
-    writer.begin(first)
-    cand = decoder_inputs(enc.cand_ids, fp["decoder_start_token_id"]) if bb.family == "t5" else None
+        log(f"[{split}] resuming at example {first} of {n} (from its batch, which starts at example {start})")
+    writer.begin(start)
+    cand = decoder_inputs(enc.cand_ids, writer.fp["decoder_start_token_id"]) if bb.family == "t5" else None
     t0, tokens = time.perf_counter(), 0
-    bar = tqdm(total=n - first, desc=f"cache {split}", unit="ex", file=sys.stderr, disable=None)
-    for b in range(first, n, cfg.batch_size):
+    bar = tqdm(total=n - start, desc=f"cache {split}", unit="ex", file=sys.stderr, disable=None)
+    for b in range(start, n, cfg.batch_size):
         idx = range(b, min(b + cfg.batch_size, n))
         ids, mask = pad([enc.src_ids[i] for i in idx])
         states = forward_states(bb, ids, mask, names, cand)
@@ -100,26 +122,47 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
                 rows = torch.cat([h[j, c, : len(enc.cand_ids[c])] for j in range(len(idx)) for c in range(C)])
             else:
                 rows = torch.cat([h[j, : lens[j]] for j in range(len(idx))])  # ragged: padding dropped here
+            _check_finite(rows, name, idx, split, cfg, dtype)
             writer.append(name, rows.float())
         tokens += int(lens.sum())
         bar.update(len(idx))
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     writer.finish()
-    log(f"[{split}] wrote {path}: {ls.LadderStore(path).nbytes_on_disk() / 2**20:.1f} MiB on disk, "
-        f"{tokens / (time.perf_counter() - t0):.0f} tokens/s")
-    return path
+    return tokens, time.perf_counter() - t0
+
+
+def _check_finite(rows: torch.Tensor, name: str, idx: range, split: str, cfg: CacheConfig, dtype: str) -> None:
+    """inf/NaN from the backbone, or values fp16 cannot hold, stop stage one before they reach the store."""
+    if not torch.isfinite(rows).all():
+        what, fix = "inf/NaN", "check the checkpoint, or run it in fp32 (--device cpu)"
+    elif ls.storage_dtype(dtype, cfg.codec) == "float16" and torch.isinf(rows.to(torch.float16)).any():
+        what, fix = "values beyond fp16's range (65504)", "store bf16 or fp32 (--dtype bf16)"
+    else:
+        return
+    files = ", ".join(map(str, checkpoint_files(cfg.backbone))) or cfg.backbone
+    raise ls.NonFiniteStates(f"backbone {cfg.backbone} (weights: {files}) gave {what} in state {name} for examples "
+                             f"{idx.start}..{idx.stop - 1} of split '{split}'; no store was kept: {fix}")
 
 
 def run(cfg: CacheConfig, log=print) -> list[Path]:
     task = get_task(cfg.task)
+    hf_cfg = load_config(cfg.backbone)
+    check_max_length(hf_cfg, cfg.max_length, cfg.backbone)  # before anything is written
+    check_targets(task, family_of(hf_cfg.model_type))
     data = task.load(cfg.data_dir, cfg.seed)
     missing = [s for s in cfg.splits if s not in data]
     if missing:
         raise StoreError(f"splits: {missing} not in task {task.name} (has {', '.join(data)})")
     bb = load_backbone(cfg.backbone, cfg.device)
-    paths = []
-    for split in cfg.splits:
-        examples = data[split][: cfg.limit] if cfg.limit else data[split]
-        paths.append(cache_split(cfg, bb, task, split, examples, log))
+    out, paths = Path(cfg.out), []
+    made_out = not out.exists()
+    try:
+        for split in cfg.splits:
+            examples = data[split][: cfg.limit] if cfg.limit else data[split]
+            paths.append(cache_split(cfg, bb, task, split, examples, log))
+    except LadderCacheError:
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no empty --out behind
+        raise
     return paths

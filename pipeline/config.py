@@ -6,6 +6,7 @@ the dataclass field are the same name (dashes on the command line).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,13 @@ def parse_decoder_layers(value) -> tuple[int, ...] | None | str:
     return parse_layers(value)
 
 
+def yaml_problem(where: str, e: Exception) -> ConfigError:
+    """A YAML syntax error as one line: file, line, column and the parser's complaint."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}")
+
+
 def _check_choice(name: str, value, choices):
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -74,7 +82,8 @@ class CacheConfig:
     out: str = _f("data/cache", "Output folder; one <split>.zarr store per split.")
     data_dir: str = _f("data/raw", "Where offline datasets are fetched and converted to Parquet.")
     resume: bool = _f(True, "Resume an interrupted store made from the same config.")
-    overwrite: bool = _f(False, "Replace an existing store made from a different config.")
+    overwrite: bool = _f(False, "Replace an existing store made from a different config (with --no-resume: "
+                                "rebuild any existing store, a damaged one included).")
     device: str = _f("auto", "auto|cpu|cuda.")
     seed: int = _f(0, "Seed of the train/validation/test split for tasks without official splits.")
     shard_tokens: int = _f(32768, "Tokens per shard file (also the resume block).")
@@ -136,8 +145,9 @@ class PruneConfig:
         _check_choice("device", self.device, DEVICES)
         if int(self.r) < 1:
             raise ConfigError(f"r: the reduction factor must be >= 1, got {self.r}")
-        if int(self.fisher_samples) < 1:
-            raise ConfigError(f"fisher_samples: must be >= 1, got {self.fisher_samples}")
+        for name in ("fisher_samples", "batch_size", "max_length"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         parse_layers(self.layers)
         parse_decoder_layers(self.decoder_layers)
 
@@ -190,7 +200,7 @@ class TrainConfig:
     select_k: int = _f(0, "Token-selective training of the side net: gradients through k random source positions "
                           "plus the first (0 = every position). T5 and encoder side nets.")
     data_seed: int = _f(-1, "Seed of the example order (-1: --seed). Configs of a sweep share one order.")
-    sweep: str = _f("", "A YAML file of lists (e.g. 'lr: [0.001, 0.003]' and 'seed: [0, 1]'; a `configs:` list adds "
+    sweep: str | dict = _f("", "A YAML file of lists (e.g. 'lr: [0.001, 0.003]' and 'seed: [0, 1]'; a `configs:` list adds "
                         "single configs): train their cartesian product from one read of each batch, each config in "
                         "--out/<name>, the best on validation also in --out. In params.yaml the mapping may be "
                         "inline. Keys that may vary: lr, seed, r, init, side_init, layers, decoder_layers, variant, "
@@ -213,16 +223,21 @@ class TrainConfig:
         _check_choice("feed", self.feed, FEEDS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
-        for name in ("r", "epochs", "batch_size"):
+        for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not float(self.lr) > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for name in ("limit", "warmup_steps", "select_k", "batch_tokens"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0 = off / all), got {getattr(self, name)}")
+        if not (math.isfinite(float(self.lr)) and float(self.lr) > 0):
+            raise ConfigError(f"lr: must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(float(self.grad_clip)) and float(self.grad_clip) > 0):
+            raise ConfigError(f"grad_clip: must be a finite number > 0, got {self.grad_clip}")
+        if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if int(self.batch_tokens) < 0:
-            raise ConfigError(f"batch_tokens: must be >= 0 (0 = batches of batch_size examples), got {self.batch_tokens}")
         if self.pack and self.feed == "backbone":
             raise ConfigError("pack: in-loop LST (--feed backbone) runs the backbone on padded batches; drop --pack")
         if self.pack and int(self.select_k):
@@ -259,6 +274,8 @@ class EvalConfig:
 
     def __post_init__(self):
         _check_choice("device", self.device, DEVICES)
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
 
 
 def load_section(params_file: str | Path | None, section: str) -> dict:
@@ -268,8 +285,11 @@ def load_section(params_file: str | Path | None, section: str) -> dict:
     path = Path(params_file)
     if not path.exists():
         return {}
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        raise yaml_problem(str(path), e) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
     sec = data.get(section) or {}
@@ -280,8 +300,9 @@ def load_section(params_file: str | Path | None, section: str) -> dict:
 
 def build(cls, params_file=None, section: str | None = None, **overrides):
     """cls from params.yaml[section] then non-None overrides; unknown keys are an error naming them."""
-    values = dict(load_section(params_file, section)) if section else {}
-    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    from_file = dict(load_section(params_file, section)) if section else {}
+    flags = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    values = {**from_file, **flags}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -289,12 +310,48 @@ def build(cls, params_file=None, section: str | None = None, **overrides):
             f"{section or cls.__name__}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
         )
     for f in dataclasses.fields(cls):
-        if f.name in values and f.type in ("int", "float") and values[f.name] is not None:
-            try:
-                values[f.name] = (int if f.type == "int" else float)(values[f.name])
-            except (TypeError, ValueError):
-                raise ConfigError(f"{f.name}: {values[f.name]!r} is not a number")
+        if values.get(f.name) is not None:
+            where = f"--{f.name.replace('_', '-')}" if f.name in flags else f"{params_file} [{section}] {f.name}"
+            values[f.name] = _typed(f, values[f.name], where)
     return cls(**values)
+
+
+def _typed(f, v, where: str):
+    """A params.yaml value of the field's type, or an error naming where it came from. YAML reads
+    `epochs: 1.9` as a float and `epochs: true` as a bool; int() would silently make both 1."""
+    if f.type == "bool":
+        if isinstance(v, bool):
+            return v
+        raise ConfigError(f"{where}: {v!r} is not true or false")
+    if f.type == "int":
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            return int(v)
+        raise ConfigError(f"{where}: {v!r} is not a whole number")
+    if f.type == "float":
+        try:
+            x = float(v) if not isinstance(v, bool) else None  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except (TypeError, ValueError):
+            x = None
+        if x is None or not math.isfinite(x):
+            raise ConfigError(f"{where}: {v!r} is not a finite number")
+        return x
+    if f.type == "str":
+        if isinstance(v, str):
+            return v
+        if f.name in ("layers", "decoder_layers") and isinstance(v, (list, tuple)) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return v
+        hint = (f"; write '{v}' (quoted) to keep layer {v} only, a list like [0, 1, 2], or 'all'"
+                if f.name in ("layers", "decoder_layers") and isinstance(v, int) else "; quote it")
+        raise ConfigError(f"{where}: {v!r} is not text{hint}")
+    if f.metadata.get("multiple") and not (isinstance(v, str) or (isinstance(v, (list, tuple))
+                                                                   and all(isinstance(x, str) for x in v))):
+        raise ConfigError(f"{where}: {v!r} is not a name or a list of names")
+    return v
 
 
 def click_options(cls):

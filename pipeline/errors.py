@@ -32,3 +32,7 @@ class FingerprintMismatch(StoreError):
 
 class BackboneError(LadderCacheError):
     """The backbone cannot be loaded or is unsupported."""
+
+
+class OutputError(LadderCacheError):
+    """An output cannot be written (read-only folder, full disk, file-size limit) or is in use."""

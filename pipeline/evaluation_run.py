@@ -8,7 +8,7 @@ import numpy as np
 from pipeline import evaluate as ev
 from pipeline.backbone import pick_device
 from pipeline.config import EvalConfig
-from pipeline.durable import atomic_json
+from pipeline.durable import atomic_json, atomic_path
 from pipeline.errors import StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
@@ -19,26 +19,30 @@ def run(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     net, meta = load_side(cfg.run, device)
     task = get_task(meta["task"])
-    expect = {"task": task.name, "split": cfg.split, "backbone_sha256": meta["backbone_sha256"]}
-    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=expect)
+    # the run's own backbone and max_length: a store made for another config is refused, every field named
+    expect = {"task": task.name, "backbone_sha256": meta["backbone_sha256"], "max_length": int(meta["max_length"])}
+    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=dict(expect, split=cfg.split))
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    store.require_states(names, f"the side network of {cfg.run}")
     train_path = Path(cfg.cache) / "train.zarr"
     if not train_path.exists():
         raise StoreError(f"{train_path}: the baseline needs the train split's cache; run stage one for it")
+    train = LadderStore(train_path, expect=dict(expect, split="train"))
     scores = ev.score_store(net, store, cfg.batch_size, device)
     pred = ev.predictions(scores, task.kind, task.regression_bins)
     metrics = ev.task_metrics(task.kind, pred, store.labels)
-    metrics.update(ev.frozen_features_baseline(LadderStore(train_path, expect={"task": task.name}), store, task.kind,
-                                               meta["train"].get("limit", 0)))
+    metrics.update(ev.frozen_features_baseline(train, store, task.kind, meta["train"].get("limit", 0)))
     metrics["headline_metric"] = task.metric
     metrics["lst_minus_baseline_pt"] = 100 * (metrics[task.metric] - metrics[f"baseline_{task.metric}"])
     metrics["examples"] = int(store.n)
     out = Path(cfg.out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    atomic_json(out / "metrics.json", metrics)
     rows = ["actual,predicted"] + [f"{a:g},{p:g}" for a, p in zip(store.labels, pred)]
-    (out / "plots" / "predictions.csv").write_text("\n".join(rows) + "\n")
+    with atomic_path(out / "plots" / "predictions.csv") as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
     if task.kind == "classification":
         _confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
+    atomic_json(out / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
 
 
@@ -63,5 +67,6 @@ def _confusion_png(path: Path, y, p, names):
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)

@@ -9,11 +9,36 @@ from torch import nn
 
 from pipeline import backbone as bbm
 from pipeline import evaluate as ev
-from pipeline.errors import ConfigError
+from pipeline.errors import DataError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
 from pipeline.side import LadderBatch
 from pipeline.tasks import Example, get_task
 from pipeline.train import load_side
+
+
+def read_inputs(lines, source: str) -> list[tuple[str, str | None]]:
+    """One example per line of raw bytes, a tab between the two texts of a pair. The output has one record
+    per input line, so a blank line inside the input is refused with its number (trailing ones are ignored),
+    and so is a line that is not UTF-8."""
+    texts = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            texts.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: line {number} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); re-save it as UTF-8") from None
+    while texts and not texts[-1].strip():
+        texts.pop()
+    if not texts:
+        raise DataError(f"{source}: no input lines; give a text file with one example per line")
+    out = []
+    for number, line in enumerate(texts, 1):
+        if not line.strip():
+            raise DataError(f"{source}: line {number} is blank; each line is one example and gets one output "
+                            "record: remove the line or put text on it")
+        a, tab, b = line.partition("\t")
+        out.append((a, b if tab else None))
+    return out
 
 
 class LSTModel(nn.Module):
@@ -25,12 +50,26 @@ class LSTModel(nn.Module):
         self.side, self.meta = load_side(run, dev)
         self.bb = bbm.load_backbone(self.meta["backbone"], device)
         if self.bb.sha256 != self.meta["backbone_sha256"]:
-            raise ConfigError(f"backbone: {self.meta['backbone']} differs from the one {run} was trained with")
+            raise FingerprintMismatch(f"run {run} (trained with backbone {self.meta['backbone']})",
+                                      {"backbone_sha256": (self.meta["backbone_sha256"], self.bb.sha256)})
         self.task = get_task(self.meta["task"])
         spec = self.side.spec
         self.names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
         self.max_length = int(self.meta["max_length"])
         self.device = dev
+
+    def check_inputs(self, texts: list[tuple[str, str | None]], source: str) -> None:
+        """Pair tasks need both texts on every line (tab-separated); single-text tasks take no tab."""
+        fields = self.task.field_names
+        for number, (a, b) in enumerate(texts, 1):
+            if not a.strip():
+                raise DataError(f"{source}: line {number} has an empty first text ({fields[0]})")
+            if len(fields) > 1 and (b is None or not b.strip()):
+                raise DataError(f"{source}: line {number} lacks its second text ({fields[1]}): task {self.task.name} "
+                                f"takes pairs, written '{fields[0]}<TAB>{fields[1]}'")
+            if len(fields) == 1 and b is not None:
+                raise DataError(f"{source}: line {number} has a tab, but task {self.task.name} takes one text "
+                                f"({fields[0]}); remove the tab")
 
     @torch.no_grad()
     def scores(self, texts: list[tuple[str, str | None]]) -> np.ndarray:

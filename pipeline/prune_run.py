@@ -8,7 +8,8 @@ from pipeline import backbone as bbm
 from pipeline import prune
 from pipeline.config import PruneConfig
 from pipeline.side import spec_from_config
-from pipeline.tasks import get_task
+from pipeline.durable import check_writable
+from pipeline.tasks import check_targets, get_task
 
 
 def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
@@ -18,7 +19,8 @@ def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
         idx = list(range(b, min(b + cfg.batch_size, len(examples))))
         ids, mask = bbm.pad([enc.src_ids[i] for i in idx])
         batch = {"ids": ids, "mask": mask, "labels": torch.from_numpy(enc.labels[idx])}
-        gold = [task.target_index(enc.labels[i]) for i in idx]
+        # the gold verbalizer exists for T5 / decoder-only only; an encoder regresses on the label itself
+        gold = [task.target_index(enc.labels[i]) for i in idx] if bb.family != "encoder" else []
         if bb.family == "t5":
             tgt, tmask = bbm.pad([enc.cand_ids[g] for g in gold])
             batch["tgt"] = tgt.masked_fill(~tmask, -100)
@@ -30,7 +32,10 @@ def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
 
 def run(cfg: PruneConfig, log=print) -> str:
     task = get_task(cfg.task)
+    check_writable(cfg.out)  # before the Fisher pass, which can take minutes
     hf_cfg = bbm.load_config(cfg.backbone)
+    bbm.check_max_length(hf_cfg, cfg.max_length, cfg.backbone)
+    check_targets(task, bbm.family_of_config(hf_cfg))
     verb = []
     bb = None
     if cfg.init == "fisher" or bbm.family_of_config(hf_cfg) == "decoder":

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from pipeline import offline_data
+from pipeline.config import yaml_problem
 from pipeline.errors import ConfigError, DataError
 
 
@@ -62,7 +63,18 @@ class Task:
         """Which verbalizer is the gold one for a label."""
         if self.kind == "classification":
             return int(label)
+        if not self.regression_bins:
+            raise ConfigError(f"task {self.name}: regression_bins is empty, so a regression target has no verbalizer; "
+                              "add regression_bins (the value of each verbalizer) to the task file")
         return int(np.argmin([abs(b - label) for b in self.regression_bins]))
+
+
+def check_targets(task: Task, family: str) -> None:
+    """T5 and decoder-only backbones score a regression task as one verbalizer per bin (T5 casts STS-B as 26
+    classes); encoder backbones regress with a head and need no bins."""
+    if task.kind == "regression" and family != "encoder" and not task.regression_bins:
+        raise ConfigError(f"task {task.name}: regression_bins is empty; a {family} backbone scores regression as one "
+                          "verbalizer per bin: add regression_bins to the task file, or use an encoder backbone")
 
 
 def validate_examples(task: Task, split: str, examples: list[Example]) -> None:
@@ -71,6 +83,10 @@ def validate_examples(task: Task, split: str, examples: list[Example]) -> None:
     for i, ex in enumerate(examples):
         if not isinstance(ex.text_a, str) or not ex.text_a.strip():
             raise DataError(f"task {task.name}: split '{split}' row {i} has empty text; remove or fill it")
+        if ex.text_b is not None and not ex.text_b.strip():
+            field = task.field_names[1] if len(task.field_names) > 1 else "second text"
+            raise DataError(f"task {task.name}: split '{split}' row {i} has an empty second text ({field}) in a pair "
+                            "task; remove or fill it")
         if task.kind == "classification":
             if not (float(ex.label).is_integer() and 0 <= int(ex.label) < task.num_labels):
                 raise DataError(
@@ -227,17 +243,39 @@ def registry() -> dict[str, Task]:
 
 # ---------------------------------------------------------------- local files
 
+def check_utf8(path: Path) -> None:
+    """Name the first line that is not UTF-8 (pandas only says 'codec can't decode byte 0xe9 in position 41')."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {number} is not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                "re-save the file as UTF-8") from None
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if not path.exists():
         raise DataError(f"task file: data file {path} does not exist")
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".json", ".jsonl"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix == ".parquet":
+    if suffix not in (".csv", ".json", ".jsonl", ".parquet"):
+        raise DataError(f"task file: {path} has an unsupported extension {suffix!r}; use .csv, .json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (0 bytes); it needs a header row and at least one example")
+    if suffix != ".parquet":
+        check_utf8(path)
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix in (".json", ".jsonl"):
+            return pd.read_json(path, lines=suffix == ".jsonl")
         return pd.read_parquet(path)
-    raise DataError(f"task file: {path} has an unsupported extension {suffix!r}; use .csv, .json, .jsonl or .parquet")
+    except Exception as e:  # noqa: BLE001 - pandas/pyarrow raise many types for a malformed file
+        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({type(e).__name__}: {e}); fix or re-export the file") from None
+
+
+def _cell_text(x) -> str:
+    return x if isinstance(x, str) else ("" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x))
 
 
 def local_task(spec_path: str | Path) -> Task:
@@ -255,7 +293,13 @@ def local_task(spec_path: str | Path) -> Task:
     spec_path = Path(spec_path)
     if not spec_path.exists():
         raise ConfigError(f"task: file {spec_path} does not exist")
-    spec = yaml.safe_load(spec_path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(spec_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise yaml_problem(f"task file {spec_path}", e) from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("files", {}), dict):
+        raise ConfigError(f"task file {spec_path}: expected a mapping with kind, text_columns, label_column and files "
+                          "(a mapping of split name to data file)")
     for key in ("kind", "text_columns", "label_column", "files"):
         if key not in spec:
             raise ConfigError(f"task file {spec_path}: missing key '{key}'")
@@ -286,9 +330,9 @@ def local_task(spec_path: str | Path) -> Task:
                     labels.append(float(v))
                 except (TypeError, ValueError):
                     raise DataError(f"{rel}: row {i} label {v!r} is not in {label_names}")
-            b = df[text_cols[1]].astype(str).tolist() if len(text_cols) > 1 else [None] * len(df)
-            a = [x if isinstance(x, str) else ("" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x))
-                 for x in df[text_cols[0]].tolist()]
+            # an empty cell reads as NaN: it becomes "" (and is refused by validate_examples), never "nan"
+            b = [_cell_text(x) for x in df[text_cols[1]].tolist()] if len(text_cols) > 1 else [None] * len(df)
+            a = [_cell_text(x) for x in df[text_cols[0]].tolist()]
             out[split] = [Example(x, y, l) for x, y, l in zip(a, b, labels)]
         return out
 

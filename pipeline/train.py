@@ -43,7 +43,11 @@ KILL_ENV = "LADDER_CACHE_KILL_AFTER_EPOCH"
 
 def open_store(cfg: TrainConfig, split: str) -> LadderStore:
     path = Path(cfg.cache) / f"{split}.zarr"
-    return LadderStore(path, expect={"task": get_task(cfg.task).name, "split": split})
+    # every field this config fixes: a store made with another backbone or max_length is refused, all of
+    # its differing fields named at once (the layers the side net needs are checked in setup)
+    expect = {"task": get_task(cfg.task).name, "split": split, "max_length": int(cfg.max_length),
+              **bbm.backbone_identity(cfg.backbone)}
+    return LadderStore(path, expect=expect)
 
 
 class BackboneFeed:

@@ -1,13 +1,16 @@
 """Summarize a ladder store lazily with dask: fingerprint, per-layer shape, bytes on disk vs raw,
 compression, mean/std/max-abs, outlier channels, and (with --reference) a lossy codec's error.
+With --verify, only check the store: every file hashed against the record stage one wrote.
 
     python -m stages.inspect_cache data/cache/train.zarr
+    python -m stages.inspect_cache --verify data/cache/train.zarr
 """
 import json
 
 import click
 
 from pipeline.inspect import summarize
+from pipeline.ladder_store import LadderStore
 from stages._cli import user_errors
 
 
@@ -16,8 +19,14 @@ from stages._cli import user_errors
 @click.option("--reference", default=None, help="Lossless store of the same examples: report relative error.")
 @click.option("--top-k", default=5, show_default=True, help="Outlier channels to list per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--verify", is_flag=True, help="Hash every file against the store's record (full integrity check).")
 @user_errors
-def main(path, reference, top_k, as_json):
+def main(path, reference, top_k, as_json, verify):
+    if verify:
+        files, nbytes, seconds = LadderStore(path).verify()
+        click.echo(f"{path}: ok, {files} files, {nbytes / 2**20:.1f} MiB hashed in {seconds:.2f} s "
+                   f"({seconds / max(nbytes / 2**30, 1e-9):.2f} s/GiB)")
+        return
     s = summarize(path, top_k, reference)
     if as_json:
         click.echo(json.dumps(s, indent=2))

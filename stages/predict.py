@@ -1,36 +1,57 @@
-"""Predict with the backbone + trained side network on raw text; JSONL out.
+"""Predict with the backbone + trained side network on raw text; JSONL out, one record per input line.
 
-Input: a text file (one example per line; a tab separates the two texts of a pair task) or '-' for stdin.
+Input: a UTF-8 text file (one example per line; a tab separates the two texts of a pair task) or '-' for
+stdin. An --out file is written whole or not at all.
 
     echo "a gorgeous, witty film" | python -m stages.predict --run runs/side -
 """
 import sys
+from pathlib import Path
 
 import click
 
-from pipeline.predict import LSTModel
+from pipeline.durable import atomic_path, check_writable, write_failure
+from pipeline.errors import ConfigError, DataError
+from pipeline.predict import LSTModel, read_inputs
 from stages._cli import user_errors
 
 
 @click.command(help=__doc__)
-@click.argument("input", type=click.File("r"), default="-")
+@click.argument("input", default="-")
 @click.option("--run", default="runs/side", show_default=True, help="Folder written by train_side.")
-@click.option("--out", type=click.File("w"), default="-", help="JSONL output file (default stdout).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--out", default="-", help="JSONL output file (default stdout).")
+@click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
 @user_errors
 def main(input, run, out, batch_size, device):
-    texts = []
-    for line in input:
-        line = line.rstrip("\n")
-        if line.strip():
-            a, _, b = line.partition("\t")
-            texts.append((a, b or None))
-    if not texts:
-        click.echo("error: no input lines; give a text file with one example per line", err=True)
-        sys.exit(2)
-    for row in LSTModel(run, device).predict(texts, batch_size):
-        out.write(row + "\n")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if input == "-":
+        texts = read_inputs(sys.stdin.buffer, "stdin")
+    else:
+        if not Path(input).is_file():
+            raise DataError(f"{input}: input file does not exist")
+        with open(input, "rb") as fh:
+            texts = read_inputs(fh, input)
+    if out != "-":
+        check_writable(out)
+    model = LSTModel(run, device)
+    model.check_inputs(texts, "stdin" if input == "-" else input)
+    rows = model.predict(texts, batch_size)
+    if out == "-":
+        for row in rows:
+            click.echo(row)
+    elif Path(out).exists() and not Path(out).is_file():  # a device or a pipe: no temporary sibling there
+        try:
+            with open(out, "w") as fh:
+                for row in rows:
+                    fh.write(row + "\n")
+        except OSError as e:
+            raise write_failure(Path(out), e) from e
+    else:
+        with atomic_path(out) as tmp, open(tmp, "w") as fh:
+            for row in rows:
+                fh.write(row + "\n")
 
 
 if __name__ == "__main__":

@@ -175,48 +175,6 @@ def test_cache_feed_and_backbone_feed_reach_the_same_result(cached):
         assert x["val_accuracy"] == y["val_accuracy"]
 
 
-def test_missing_cache_is_a_clear_error(tiny_bert, toy_task, tmp_path):
-    res = cli("train_side", train_args(tiny_bert, toy_task, tmp_path))
-    assert res.exit_code == 2 and "no ladder store here" in res.output
-    assert not (tmp_path / "run" / "side.safetensors").exists()
-
-
-def test_cache_of_another_task_is_refused_naming_the_field(cached, tmp_path_factory):
-    bb, task, tmp = cached
-    from tests.conftest import write_task
-
-    other = write_task(tmp_path_factory.mktemp("other"), kind="classification").replace("task.yaml", "task.yaml")
-    Path(other).write_text(Path(other).read_text().replace("name: toy", "name: other"))
-    res = cli("train_side", train_args(bb, other, tmp))
-    assert res.exit_code == 2 and "differing fields: task" in res.output
-
-
-def test_side_init_made_for_another_r_is_refused(cached):
-    bb, task, tmp = cached
-    init = tmp / "init.safetensors"
-    ok(cli("prune_init", ["--backbone", bb, "--task", task, "--r", "2", "--init", "magnitude", "--out", str(init)]))
-    res = cli("train_side", train_args(bb, task, tmp, "run", "--side-init", str(init)))
-    assert res.exit_code == 2 and "differing fields: r" in res.output
-    assert not (tmp / "run" / "side.safetensors").exists()
-
-
-@pytest.mark.parametrize("bad,message", [("nan", "non-finite regression target"), ("empty", "split 'train' is empty")])
-def test_bad_training_data_is_refused(bad, message, tiny_bert, tmp_path):
-    from tests.conftest import write_task
-
-    task = write_task(tmp_path / "t", kind="regression")
-    train = tmp_path / "t" / "train.csv"
-    lines = train.read_text().splitlines()
-    if bad == "nan":
-        lines[3] = lines[3].rsplit(",", 1)[0] + ",nan"
-    else:
-        lines = lines[:1]
-    train.write_text("\n".join(lines) + "\n")
-    res = cli("cache_activations", ["--backbone", tiny_bert, "--task", task, "--out", str(tmp_path / "c")])
-    assert res.exit_code == 2 and message in res.output
-    assert not list((tmp_path / "c").rglob("*.zarr")) if (tmp_path / "c").exists() else True
-
-
 def test_params_yaml_sections_build_every_stage_config():
     for cls, section in ((C.CacheConfig, "cache_activations"), (C.PruneConfig, "prune_init"),
                          (C.TrainConfig, "train_side"), (C.EvalConfig, "evaluate")):
