@@ -32,6 +32,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.batches import reader  # noqa: E402
 
 TASKS = {  # epochs: the paper's 10, 20 on small sets (< 10k examples); max_length covers the task's texts
     "rt-sentiment": {"epochs": 10, "max_length": 64},
@@ -63,21 +64,21 @@ def _quiet(*a, **k):
 
 def prepare(task: str, a) -> dict:
     """Stage one per codec and the Fisher side init; returns their paths."""
-    from pipeline import cache, prune_run
+    from pipeline import cache_activations, prune_init
     from pipeline.config import CacheConfig, PruneConfig
 
     work, t = Path(a.work) / task, TASKS[task]
     paths = {}
     for codec in ("zstd", "int8", "bitround"):
         out = work / f"cache_{codec}"
-        cache.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
+        cache_activations.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
                               out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
         paths[codec] = str(out)
     methods = getattr(a, "lst_methods", None) or list(LST_VARIANTS)
     for variant, r in sorted({(lst_config(m)["variant"], lst_config(m)["r"]) for m in methods}):
         init = work / f"side_init_fisher_{variant}_r{r}.safetensors"  # an init file names its variant and r
         if not init.exists():
-            prune_run.run(PruneConfig(backbone=a.backbone, task=task, r=r, init="fisher", variant=variant,
+            prune_init.run(PruneConfig(backbone=a.backbone, task=task, r=r, init="fisher", variant=variant,
                                       max_length=t["max_length"], out=str(init), data_dir=a.data_dir,
                                       device=a.device), log=print)
         paths[f"fisher_{variant}_r{r}"] = str(init)
@@ -85,18 +86,19 @@ def prepare(task: str, a) -> dict:
 
 
 def _metrics(task, scores, labels):
-    from pipeline import evaluate as ev
+    from pipeline.metrics import predictions, task_metrics
     from pipeline.tasks import get_task
 
     tk = get_task(task)
-    return ev.task_metrics(tk.kind, ev.predictions(scores, tk.kind, tk.regression_bins), labels)
+    return task_metrics(tk.kind, predictions(scores, tk.kind, tk.regression_bins), labels)
 
 
 def run_lst(job: dict) -> dict:
     from pipeline import evaluate as ev
     from pipeline.config import TrainConfig
     from pipeline.ladder_store import LadderStore
-    from pipeline.train import load_side, train
+    from pipeline.run_folder import load_side
+    from pipeline.train_side import train
 
     c = lst_config(job["method"])
     codec, feed = c.pop("codec"), c["feed"]
@@ -110,7 +112,7 @@ def run_lst(job: dict) -> dict:
     test = LadderStore(Path(job["paths"][codec]) / "test.zarr")
     feed_fn = None
     if feed == "backbone":  # score the test split in the loop too
-        from pipeline.train import BackboneFeed
+        from pipeline.train_side import BackboneFeed
 
         feed_fn = BackboneFeed(cfg, test)
     scores = ev.score_store(net, test, 256, _device(job["device"]), feed=feed_fn)
@@ -121,7 +123,7 @@ def run_lst(job: dict) -> dict:
 
 
 def _device(name):
-    from pipeline.backbone import pick_device
+    from pipeline.device import pick_device
 
     return pick_device(name)
 
@@ -138,7 +140,7 @@ def run_baseline(job: dict) -> dict:
     from pipeline.backbone import resolve
     from pipeline.ladder_store import LadderStore
     from pipeline.tasks import get_task
-    from pipeline.train import lr_lambda
+    from pipeline.train_side import lr_lambda
 
     dev = _device(job["device"])
     cache = Path(job["paths"]["zstd"])
@@ -159,7 +161,7 @@ def run_baseline(job: dict) -> dict:
     def scores(store):
         model.eval()
         out = []
-        for b in store.batches([], 256, shuffle=False):
+        for b in reader(store).batches([], 256, shuffle=False):
             with torch.autocast(**amp):
                 out.append(model(b.src_ids.to(dev), b.src_mask.to(dev)).float().cpu().numpy())
         return np.concatenate(out)
@@ -169,7 +171,7 @@ def run_baseline(job: dict) -> dict:
     for epoch in range(job["epochs"]):
         model.train()
         t0 = time.perf_counter()
-        for b in tr.batches([], BATCH, shuffle=True, seed=job["seed"], epoch=epoch):
+        for b in reader(tr).batches([], BATCH, shuffle=True, seed=job["seed"], epoch=epoch):
             ids, mask, y = b.src_ids.to(dev), b.src_mask.to(dev), b.labels.to(dev)
             with torch.autocast(**amp):
                 loss = loss_encoder(model, ids, mask, y, task.kind)

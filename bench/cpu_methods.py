@@ -51,7 +51,9 @@ def run_encoder(method: str, B: int, S: int, warmup: int, steps: int) -> dict:
 
     from pipeline.backbone import Backbone, forward_states
     from pipeline.layout import SRC
-    from pipeline.side import LadderBatch, SideNetwork, spec_from_config
+    from pipeline.batches import LadderBatch
+    from pipeline.side import SideNetwork
+    from pipeline.side_spec import spec_from_config
 
     cfg = minilm_config()
     g = torch.Generator().manual_seed(0)

@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines import PROMPT_TOKENS, SELECTIVE_K, T5_METHODS, build_t5, loss_t5  # noqa: E402
-from pipeline.side import LadderBatch, SideNetwork, spec_from_config  # noqa: E402
+from pipeline.batches import LadderBatch
+from pipeline.side import SideNetwork
+from pipeline.side_spec import spec_from_config  # noqa: E402
 
 SHAPES = {  # d_model, d_ff, d_kv, heads, layers; paper's kept side layers (supplement Table 2)
     "t5-base": (768, 3072, 64, 12, 12, [1, 2, 3, 5, 6, 7, 9, 10, 11]),

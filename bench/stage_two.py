@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.batches import reader  # noqa: E402
 from bench.machine import describe  # noqa: E402
 
 
@@ -35,10 +36,9 @@ def _sync(dev):
 
 def layouts(a, cache: Path, dev) -> dict:
     """Padded vs packed tokens/s and the data path's share, in one process."""
-    import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.train import Run, setup
+    from pipeline.train_side import Run, setup
 
     out = {}
     for name, pack in (("padded", False), ("packed", True)):
@@ -51,7 +51,7 @@ def layouts(a, cache: Path, dev) -> dict:
         for name, o in out.items():  # alternate layouts: drift in machine speed hits both
             s, run = o["s"], o["run"]
             t0 = time.perf_counter()
-            batches = list(s.train.batches(s.names, 100, shuffle=True, seed=0, epoch=epoch, prefetch=False,
+            batches = list(reader(s.train).batches(s.names, 100, shuffle=True, seed=0, epoch=epoch, prefetch=False,
                                            **o["read"]))
             _sync(dev)
             data_s = time.perf_counter() - t0
@@ -124,8 +124,8 @@ def main():
     ap.add_argument("--parts", default="layouts,sweeps")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    from pipeline import cache as stage_one
-    from pipeline.backbone import pick_device
+    from pipeline import cache_activations as stage_one
+    from pipeline.device import pick_device
     from pipeline.config import CacheConfig
 
     dev = pick_device(a.device)

@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from bench.machine import describe
+from pipeline.batches import reader
+from pipeline.padding import pad
 from pipeline import backbone as bbm
-from pipeline import cache
+from pipeline import cache_activations
 from pipeline.config import CacheConfig
-from pipeline.inspect import summarize
+from pipeline.inspect_cache import summarize
 from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
 
@@ -39,7 +41,7 @@ def main():
     names = bbm.state_names_for(bb, None)
     t0 = time.perf_counter()
     for b in range(0, len(exs), 64):
-        ids, mask = bbm.pad(enc.src_ids[b:b + 64])
+        ids, mask = pad(enc.src_ids[b:b + 64])
         bbm.forward_states(bb, ids, mask, names)
     fwd = time.perf_counter() - t0
     tokens = sum(len(s) for s in enc.src_ids)
@@ -51,7 +53,7 @@ def main():
         cfg = CacheConfig(backbone=bbm.MINILM, task="rt-sentiment", splits=["train"], limit=a.examples, codec=codec,
                           dtype=dtype, out=str(tmp / f"{codec}_{dtype}"), data_dir=a.data_dir, device="cpu")
         t0 = time.perf_counter()
-        path = cache.run(cfg, log=lambda *x: None)[0]
+        path = cache_activations.run(cfg, log=lambda *x: None)[0]
         dt = time.perf_counter() - t0
         s = summarize(path, reference=ref)
         disk = sum(r["bytes_on_disk"] for r in s["layers"].values())
@@ -64,7 +66,7 @@ def main():
             row["max_relative_error_vs_fp16"] = max(errs)
         store = LadderStore(path)
         t0 = time.perf_counter()
-        nb = sum(1 for _ in store.batches(store.names, 100, shuffle=True))
+        nb = sum(1 for _ in reader(store).batches(store.names, 100, shuffle=True))
         row["reader_batches_per_s"] = nb / (time.perf_counter() - t0)
         res["codecs"][f"{codec}/{dtype}"] = row
         if codec == "none":

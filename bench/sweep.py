@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--out", default="bench/results/sweep_cpu.json")
     a = ap.parse_args()
-    from pipeline.backbone import pick_device
+    from pipeline.device import pick_device
 
     dev = pick_device(a.device)
     work = Path(a.work)

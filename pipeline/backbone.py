@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.device import pick_device
 from pipeline.errors import BackboneError
 from pipeline.layout import EMB, SRC, TGT, family_of, state_name, stores_embedding
 from pipeline.tasks import Example, Task
@@ -128,14 +129,6 @@ def family_of_config(cfg) -> str:
     return family_of(cfg.model_type)
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneError("device: cuda was asked for but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
-
-
 @dataclass
 class Backbone:
     name: str
@@ -224,27 +217,6 @@ def encode(task: Task, examples: list[Example], tokenizer, family: str, max_leng
         cands = [np.asarray(tokenizer(" " + v, add_special_tokens=False)["input_ids"][:1], np.int32)
                  for v in task.verbalizers]
     return Encoded(src, labels, cands)
-
-
-def pad(seqs: list[np.ndarray], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest: (B, T) ids and (B, T) bool mask."""
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), value, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = True
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def decoder_inputs(cands: list[np.ndarray], start_id: int, pad_id: int = 0):
-    """T5 teacher forcing for each candidate: (C, U) decoder inputs (shifted right), labels (-100 pad), mask."""
-    tgt, mask = pad(cands, pad_id)
-    dec_in = torch.full_like(tgt, pad_id)
-    dec_in[:, 0] = start_id
-    dec_in[:, 1:] = tgt[:, :-1]
-    labels = tgt.masked_fill(~mask, -100)
-    return dec_in, labels, mask
 
 
 # ---------------------------------------------------------------- capturing states

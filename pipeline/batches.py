@@ -1,4 +1,6 @@
-"""Batch assembly between the ladder store and the side network: padded or packed LadderBatches.
+"""Batches: what lies between the ladder store and the side network. The store hands out rows and knows no
+model; the side network reads a `LadderBatch` and knows no store. This module reads rows (`Reader`: which
+examples, in which order, from RAM or the GPU), lays them out (padded or packed) and decodes them.
 
 The store hands out rows (ragged: example i's source tokens are rows offsets[i]:offsets[i+1] of every state);
 this module turns the rows of a mini-batch's examples into what the side network reads. A `RowSet` holds rows
@@ -22,12 +24,67 @@ non_blocking transfers and assembled on the device (`RowSet.of_examples`). Same 
 """
 from __future__ import annotations
 
+import dataclasses
+import queue
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.layout import TGT
+from pipeline.ladder_store import LadderStore, bytes_per_value
+from pipeline.layout import SRC, TGT
+from pipeline.padding import decoder_inputs
+
+
+@dataclass
+class LadderBatch:
+    """One mini-batch for the side network, from the store or from a live backbone.
+
+    src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt); labels (B,).
+    Packed layout (pipeline/batches.py): the same fields are (R, P) rows of several examples each, `seg` says
+    which example (0..B-1) a slot holds and `pos` its position there; labels stay (B,), one per example.
+    T5 only: tgt_ids/tgt_mask/tgt_labels (N, U) decoder inputs, mask, targets (-100 = ignore);
+    tgt_row (N,) source row of each target row; n_candidates: C when every row's C candidates are
+    present in order (scores come back as (B, C)), 0 for teacher forcing on the gold target only.
+    """
+
+    src_ids: torch.Tensor
+    src_mask: torch.Tensor
+    states: dict
+    labels: torch.Tensor | None = None
+    tgt_ids: torch.Tensor | None = None
+    tgt_mask: torch.Tensor | None = None
+    tgt_labels: torch.Tensor | None = None
+    tgt_row: torch.Tensor | None = None
+    tgt_cand: torch.Tensor | None = None  # (N,) candidate index of each target row
+    n_candidates: int = 0
+    seg: torch.Tensor | None = None  # packed layout: (R, P) example of each slot (-1 empty); None = padded
+    pos: torch.Tensor | None = None  # packed layout: (R, P) position of each slot in its example
+
+    def to(self, device, dtype=None):
+        # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
+        nb = torch.device(device).type == "cuda"
+
+        def mv(t):
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point() and t.dim() == 3:
+                return t.to(device, dtype, non_blocking=nb)
+            return t.to(device, non_blocking=nb)
+
+        return dataclasses.replace(
+            self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
+            states={k: mv(v) for k, v in self.states.items()}, labels=mv(self.labels), tgt_ids=mv(self.tgt_ids),
+            tgt_mask=mv(self.tgt_mask), tgt_labels=mv(self.tgt_labels), tgt_row=mv(self.tgt_row),
+            tgt_cand=mv(self.tgt_cand), seg=mv(self.seg), pos=mv(self.pos))
+
+    @property
+    def n_tokens(self) -> int:
+        n = int(self.src_mask.sum())
+        return n + (int(self.tgt_mask.sum()) if self.tgt_mask is not None else 0)
 
 
 def layout(lengths: np.ndarray, pack_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,10 +188,8 @@ class RowSet:
             x = x * scale[src]
         return x * valid[..., None]
 
-    def batch(self, idx: np.ndarray, all_candidates: bool = False, pack_len: int = 0):
+    def batch(self, idx: np.ndarray, all_candidates: bool = False, pack_len: int = 0) -> LadderBatch:
         """LadderBatch of the examples idx (indices into this RowSet), padded or packed."""
-        from pipeline.side import LadderBatch
-
         dev = self.device
         idx = np.asarray(idx, np.int64)
         seg_np, pos_np = layout(self.off[idx + 1] - self.off[idx], pack_len)
@@ -171,8 +226,6 @@ class RowSet:
 
 
 def store_meta(store) -> StoreMeta:
-    from pipeline.backbone import decoder_inputs
-
     t5 = store.fingerprint.get("family") == "t5"
     dec = decoder_inputs(store.cand, int(store.fingerprint.get("decoder_start_token_id", 0))) if t5 else ()
     return StoreMeta(t5, store.K, store.cand_offsets, dec)
@@ -198,3 +251,164 @@ def token_budget_batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: i
     if cur:
         out.append(np.array(cur))
     return out
+
+
+# ---------------------------------------------------------------- reading a store in batches
+
+class Reader:
+    """Mini-batches of one store's examples. Shuffling is per epoch from (seed, epoch): the order of RAM-sized
+    groups, then of the examples within a group. A split that fits `ram_budget_mb` is read and decompressed
+    once and kept for later epochs; else the next group is read in a background thread. With a CUDA device
+    and a split whose states fit `device_budget_mb` in their stored dtype, the split is held on the GPU and
+    every batch is gathered and decoded there, in the same order."""
+
+    def __init__(self, store: LadderStore):
+        self.store = store
+        self._resident: tuple | None = None  # ((n, names), rows) of a split that fits in RAM
+        self._on_device: tuple | None = None  # ((n, names, device), RowSet on the GPU)
+
+    def n(self, limit: int = 0) -> int:
+        return min(self.store.n, limit) if limit else self.store.n
+
+    def groups(self, n_examples: int, names: list[str], ram_budget_mb: int) -> list[tuple[int, int]]:
+        """Contiguous example ranges small enough to hold in RAM (one range if the split fits)."""
+        st = self.store
+        item = bytes_per_value(st.dtype, st.codec)
+        per_token = item * st.width * len([n for n in names if n.startswith(SRC)])
+        tgt = len([n for n in names if n.startswith(TGT)])
+        per_example = (st.offsets[n_examples] / max(n_examples, 1)) * per_token + st.K * item * st.width * tgt
+        cap = max(1, int(ram_budget_mb * 2**20 / max(per_example, 1)))
+        return [(s, min(s + cap, n_examples)) for s in range(0, n_examples, cap)]
+
+    def stored_bytes(self, n: int, names: list[str]) -> int:
+        """Bytes the requested states of the first n examples take in their stored dtype (+ int8 scales)."""
+        st = self.store
+        item = bytes_per_value(st.dtype, st.codec) * st.width + (4 if st.codec == "int8" else 0)
+        rows = sum((n * st.K if nm.startswith(TGT) else int(st.offsets[n])) for nm in names)
+        return rows * item
+
+    def epoch_plan(self, n: int, names: list[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
+                   ram_budget_mb: int = 4096, n_groups: int | None = None, batch_tokens: int = 0):
+        """The epoch's batches as ((e0, e1) group, example indices) pairs: a pure function of (seed, epoch)
+        and the grouping, so every reader (host or device) visits examples in the same order."""
+        rng = np.random.default_rng([seed, epoch])
+        groups = [(0, n)] if n_groups == 1 else self.groups(n, names, ram_budget_mb)
+        if shuffle:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        lengths = np.diff(self.store.offsets)
+        for e0, e1 in groups:
+            order = np.arange(e0, e1)
+            if shuffle:
+                order = rng.permutation(order)
+            if batch_tokens:
+                for idx in token_budget_batches(order, lengths, batch_tokens):
+                    yield (e0, e1), idx
+            else:
+                for b in range(0, len(order), batch_size):
+                    yield (e0, e1), order[b:b + batch_size]
+
+    def steps(self, names: list[str], batch_size: int, seed: int, epoch: int = 0, limit: int = 0,
+              ram_budget_mb: int = 4096, batch_tokens: int = 0) -> int:
+        return len(list(self.epoch_plan(self.n(limit), names, batch_size, True, seed, epoch, ram_budget_mb,
+                                        batch_tokens=batch_tokens)))
+
+    def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True,
+                device="cpu", device_budget_mb: int = 0, pack_len: int = 0, batch_tokens: int = 0):
+        """LadderBatches (on `device`) of whole examples, padded (pack_len 0) or packed into rows of pack_len
+        slots. A batch is batch_size examples, or with batch_tokens > 0 as many consecutive examples as fit
+        that many tokens."""
+        n = self.n(limit)
+        dev = torch.device(device)
+        if dev.type == "cuda" and device_budget_mb > 0 and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
+            key = (n, tuple(names), str(dev))
+            if self._on_device is None or self._on_device[0] != key:
+                self._on_device = (key, RowSet.of_store(self.store, names, n, dev))
+            rows = self._on_device[1]
+            plan = self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1, batch_tokens=batch_tokens)
+            return (rows.batch(idx, all_candidates, pack_len) for _, idx in plan)
+        meta = store_meta(self.store)
+
+        def assemble(data, e0, idx):
+            return RowSet.of_examples(self.store, data, e0, idx, dev, meta).batch(np.arange(len(idx)), all_candidates,
+                                                                                  pack_len)
+
+        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb,
+                                    batch_tokens=batch_tokens))
+        it = self._host_batches(plan, n, names, prefetch, assemble)
+        return _background(it, depth=4) if prefetch else it
+
+    def _host_batches(self, plan, n, names, prefetch, assemble):
+        groups = list(dict.fromkeys(g for g, _ in plan))  # in visiting order
+        resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
+        pool = ThreadPoolExecutor(1) if prefetch and not resident else None
+        load = (lambda g: pool.submit(self.store.load_group, g[0], g[1], names)) if pool else None
+        try:
+            pending = load(groups[0]) if pool else None
+            data, current = None, None
+            for g, idx in plan:
+                if g != current:
+                    if resident:
+                        data = self._resident_group(n, names)
+                    else:
+                        data = pending.result() if pool else self.store.load_group(g[0], g[1], names)
+                        gi = groups.index(g)
+                        if pool and gi + 1 < len(groups):
+                            pending = load(groups[gi + 1])
+                    current = g
+                yield assemble(data, g[0], idx)
+        finally:
+            if pool:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _resident_group(self, n: int, names: list[str]) -> dict[str, tuple]:
+        key = (n, tuple(names))
+        if self._resident is None or self._resident[0] != key:
+            self._resident = (key, self.store.load_group(0, n, names))
+        return self._resident[1]
+
+
+_READERS: "weakref.WeakKeyDictionary[LadderStore, Reader]" = weakref.WeakKeyDictionary()
+
+
+def reader(store: LadderStore) -> Reader:
+    """The store's Reader, one per store object, so what it holds (RAM- or GPU-resident rows) is read once."""
+    if store not in _READERS:
+        _READERS[store] = Reader(store)
+    return _READERS[store]
+
+
+def _background(it, depth: int):
+    """Run a generator in a thread, `depth` items ahead: batch assembly (numpy gathers, decode)
+    overlaps the training step."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

@@ -1,36 +1,24 @@
-"""Metrics (named as the paper names them per task), evaluation from the cache, and the
-frozen-features baseline (a linear model on mean-pooled last-layer states) that LST must beat."""
+"""The evaluate stage: score a split from the cache with a trained side network (rank classification for
+T5 / decoder-only verbalizers, heads otherwise), beside the frozen-features baseline LST must beat (a linear
+model on mean-pooled last-layer states), and save metrics, predictions and a confusion plot."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from pipeline.layout import SRC
+from pipeline.batches import reader
+from pipeline.config import EvalConfig
+from pipeline.device import pick_device
+from pipeline.durable import atomic_json, atomic_path
+from pipeline.errors import StoreError
 from pipeline.ladder_store import LadderStore
-
-
-def predictions(scores: np.ndarray, kind: str, bins: list[float]) -> np.ndarray:
-    """(n, C) scores -> class index, or (n,) regression value (head output or the best bin's value)."""
-    if kind == "regression":
-        return scores[:, 0] if scores.shape[1] == 1 else np.asarray(bins)[scores.argmax(1)]
-    return scores.argmax(1)
-
-
-def task_metrics(kind: str, pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    if kind == "regression":
-        p = float(pearsonr(pred, labels)[0]) if np.std(pred) > 0 else 0.0
-        s = float(spearmanr(pred, labels)[0]) if np.std(pred) > 0 else 0.0
-        return {"pearson": p, "spearman": s, "pearson_spearman_mean": (p + s) / 2,
-                "mse": float(np.mean((pred - labels) ** 2))}
-    y = labels.astype(int)
-    acc = float(accuracy_score(y, pred))
-    n_cls = max(int(y.max()), int(pred.max())) + 1
-    f1 = float(f1_score(y, pred, average="binary" if n_cls <= 2 else "macro", zero_division=0))
-    return {"accuracy": acc, "f1": f1, "f1_accuracy_mean": (acc + f1) / 2,
-            "matthews_correlation": float(matthews_corrcoef(y, pred))}
+from pipeline.layout import SRC
+from pipeline.metrics import predictions, task_metrics
+from pipeline.run_folder import load_side
+from pipeline.tasks import get_task
 
 
 @torch.no_grad()
@@ -41,7 +29,7 @@ def score_store(net, store: LadderStore, batch_size: int, device, limit: int = 0
     net.eval()
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
     out = []
-    for batch in store.batches(names if feed is None else [], batch_size, shuffle=False, limit=limit,
+    for batch in reader(store).batches(names if feed is None else [], batch_size, shuffle=False, limit=limit,
                                all_candidates=True, device=device, device_budget_mb=device_budget_mb,
                                pack_len=pack_len):
         if feed is not None:
@@ -75,3 +63,60 @@ def frozen_features_baseline(train: LadderStore, test: LadderStore, kind: str, l
     else:
         pred = LogisticRegression(max_iter=2000, C=1.0).fit(Xtr, ytr.astype(int)).predict(Xte)
     return {f"baseline_{k}": v for k, v in task_metrics(kind, pred, yte).items()}
+
+
+def run(cfg: EvalConfig) -> dict:
+    device = pick_device(cfg.device)
+    net, meta = load_side(cfg.run, device)
+    task = get_task(meta["task"])
+    # the run's own backbone and max_length: a store made for another config is refused, every field named
+    expect = {"task": task.name, "backbone_sha256": meta["backbone_sha256"], "max_length": int(meta["max_length"])}
+    store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=dict(expect, split=cfg.split))
+    names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
+    store.require_states(names, f"the side network of {cfg.run}")
+    train_path = Path(cfg.cache) / "train.zarr"
+    if not train_path.exists():
+        raise StoreError(f"{train_path}: the baseline needs the train split's cache; run stage one for it")
+    train = LadderStore(train_path, expect=dict(expect, split="train"))
+    scores = score_store(net, store, cfg.batch_size, device)
+    pred = predictions(scores, task.kind, task.regression_bins)
+    metrics = task_metrics(task.kind, pred, store.labels)
+    metrics.update(frozen_features_baseline(train, store, task.kind, meta["train"].get("limit", 0)))
+    metrics["headline_metric"] = task.metric
+    metrics["lst_minus_baseline_pt"] = 100 * (metrics[task.metric] - metrics[f"baseline_{task.metric}"])
+    metrics["examples"] = int(store.n)
+    out = Path(cfg.out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    rows = ["actual,predicted"] + [f"{a:g},{p:g}" for a, p in zip(store.labels, pred)]
+    with atomic_path(out / "plots" / "predictions.csv") as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+    if task.kind == "classification":
+        _confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
+    atomic_json(out / "metrics.json", metrics)  # last: its presence means the evaluation finished
+    return metrics
+
+
+def _confusion_png(path: Path, y, p, names):
+    """A static PNG beside the DVC plot, for users without the CDN that `dvc plots show` HTML loads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    C = len(names)
+    m = np.zeros((C, C), int)
+    for a, b in zip(y, p):
+        m[a, b] += 1
+    fig, ax = plt.subplots(figsize=(1.2 * C + 2, 1.2 * C + 1.5))
+    ax.imshow(m, cmap="Blues")
+    for i in range(C):
+        for j in range(C):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center")
+    ax.set_xticks(range(C), names, rotation=30)
+    ax.set_yticks(range(C), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)

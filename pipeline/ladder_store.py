@@ -45,7 +45,7 @@ edit of the record itself is caught. Chunks also carry zarr's crc32c. Readers ch
       every recorded file hashed: 0.98-0.99 s/GiB warm, 1.18 s/GiB with the files evicted from the
       page cache (the 1.07 GiB real-MiniLM rt-sentiment train store, 2-core AMD EPYC, sha256 at
       ~1.5 GB/s with SHA-NI; `python -m stages.inspect_cache --verify data/cache/train.zarr`).
-`pipeline.inspect.open_ladders` (dask) runs the open-time checks; its lazy reads get crc32c only.
+`pipeline.inspect_cache.open_ladders` (dask) runs the open-time checks; its lazy reads get crc32c only.
 Every failure is one StoreError naming the store, the array and the file, and the stage-one command
 that rebuilds the split (`--overwrite`).
 """
@@ -56,7 +56,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.durable import atomic_json, crash_point
 from pipeline.errors import FingerprintMismatch, StoreError
-from pipeline.layout import SRC, TGT
+from pipeline.layout import TGT
 
 FORMAT_VERSION = 2  # 2: _progress.json records every file's size and sha256
 PROGRESS = "_progress.json"
@@ -483,8 +482,6 @@ class LadderStore:
         # read once: zarr metadata lookups cost ~1 ms each, and batches ask for the width per state
         self.width = int(self.layers[self.names[0]].shape[1]) if self.names else 0
         self._check_layout(record)
-        self._resident: tuple | None = None  # ((n, names), rows) of a split that fits in RAM, kept across epochs
-        self._on_device: tuple | None = None  # ((n, names, device), RowSet on the GPU), kept across epochs
 
     def _read_small(self, name: str) -> np.ndarray:
         try:
@@ -588,15 +585,6 @@ class LadderStore:
         return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
 
     # -- batches
-    def groups(self, n_examples: int, names: list[str], ram_budget_mb: int) -> list[tuple[int, int]]:
-        """Contiguous example ranges small enough to hold in RAM (one range if the split fits)."""
-        item = bytes_per_value(self.dtype, self.codec)
-        per_token = item * self.width * len([n for n in names if n.startswith(SRC)])
-        tgt = len([n for n in names if n.startswith(TGT)])
-        per_example = (self.offsets[n_examples] / max(n_examples, 1)) * per_token + self.K * item * self.width * tgt
-        cap = max(1, int(ram_budget_mb * 2**20 / max(per_example, 1)))
-        return [(s, min(s + cap, n_examples)) for s in range(0, n_examples, cap)]
-
     def load_group(self, e0: int, e1: int, names: list[str]) -> dict[str, tuple]:
         """Stored (undecoded) rows of examples [e0, e1): decoding happens per batch, so a split held
         in RAM costs its on-disk dtype (2 bytes a value for fp16/bf16), not float32."""
@@ -607,146 +595,13 @@ class LadderStore:
             out[name] = (self._get(name, r0, r1), scale)
         return out
 
-    def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
-                limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True,
-                device="cpu", device_budget_mb: int = 0, pack_len: int = 0, batch_tokens: int = 0):
-        """Mini-batches (LadderBatch, on `device`) of whole examples, padded (pack_len 0) or packed into rows
-        of pack_len slots (pipeline/batches.py). A batch is batch_size examples, or with batch_tokens > 0 as
-        many consecutive examples as fit that many tokens. Shuffling is per epoch from (seed, epoch): the
-        order of RAM-sized groups, then examples within a group.
-
-        With a CUDA `device` and a split whose requested states fit `device_budget_mb` in their stored dtype,
-        the split is held on the device and batches are gathered and decoded there, in the same order.
-        Otherwise a background thread reads the next group and gathers each batch's rows (pinned, for CUDA),
-        which are assembled on the device."""
-        from pipeline.batches import RowSet, store_meta
-
-        n = min(self.n, limit) if limit else self.n
-        dev = torch.device(device)
-        if dev.type == "cuda" and device_budget_mb > 0 and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
-            key = (n, tuple(names), str(dev))
-            if self._on_device is None or self._on_device[0] != key:
-                self._on_device = (key, RowSet.of_store(self, names, n, dev))
-            rows = self._on_device[1]
-            plan = self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1, batch_tokens=batch_tokens)
-            return (rows.batch(idx, all_candidates, pack_len) for _, idx in plan)
-        meta = store_meta(self)
-
-        def assemble(data, e0, idx):
-            return RowSet.of_examples(self, data, e0, idx, dev, meta).batch(np.arange(len(idx)), all_candidates,
-                                                                            pack_len)
-
-        it = self._batches(names, batch_size, shuffle, seed, epoch, limit, ram_budget_mb, prefetch, batch_tokens,
-                           assemble)
-        return _background(it, depth=4) if prefetch else it
-
     @property
     def longest(self) -> int:
         """Tokens of the split's longest example (the row length of packed batches)."""
         return int(np.diff(self.offsets).max()) if self.n else 0
-
-    def stored_bytes(self, n: int, names: list[str]) -> int:
-        """Bytes the requested states of the first n examples take in their stored dtype (+ int8 scales)."""
-        item = bytes_per_value(self.dtype, self.codec) * self.width + (4 if self.codec == "int8" else 0)
-        rows = sum((n * self.K if nm.startswith(TGT) else int(self.offsets[n])) for nm in names)
-        return rows * item
-
-    def epoch_plan(self, n: int, names: list[str], batch_size: int, shuffle: bool, seed: int, epoch: int,
-                   ram_budget_mb: int = 4096, n_groups: int | None = None, batch_tokens: int = 0):
-        """The epoch's batches as ((e0, e1) group, example indices) pairs: a pure function of (seed, epoch)
-        and the grouping, so every reader (host or device) visits examples in the same order."""
-        from pipeline.batches import token_budget_batches
-
-        rng = np.random.default_rng([seed, epoch])
-        groups = [(0, n)] if n_groups == 1 else self.groups(n, names, ram_budget_mb)
-        if shuffle:
-            groups = [groups[i] for i in rng.permutation(len(groups))]
-        lengths = np.diff(self.offsets)
-        for e0, e1 in groups:
-            order = np.arange(e0, e1)
-            if shuffle:
-                order = rng.permutation(order)
-            if batch_tokens:
-                for idx in token_budget_batches(order, lengths, batch_tokens):
-                    yield (e0, e1), idx
-            else:
-                for b in range(0, len(order), batch_size):
-                    yield (e0, e1), order[b:b + batch_size]
-
-    def _batches(self, names, batch_size, shuffle, seed, epoch, limit, ram_budget_mb, prefetch, batch_tokens,
-                 assemble):
-        n = min(self.n, limit) if limit else self.n
-        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb,
-                                    batch_tokens=batch_tokens))
-        groups = list(dict.fromkeys(g for g, _ in plan))  # in visiting order
-        resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
-        pool = ThreadPoolExecutor(1) if prefetch and not resident else None
-        load = (lambda g: pool.submit(self.load_group, g[0], g[1], names)) if pool else None
-        try:
-            pending = load(groups[0]) if pool else None
-            data, current = None, None
-            for g, idx in plan:
-                if g != current:
-                    if resident:
-                        data = self._resident_group(n, names)
-                    else:
-                        data = pending.result() if pool else self.load_group(g[0], g[1], names)
-                        gi = groups.index(g)
-                        if pool and gi + 1 < len(groups):
-                            pending = load(groups[gi + 1])
-                    current = g
-                yield assemble(data, g[0], idx)
-        finally:
-            if pool:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-    def _resident_group(self, n: int, names: list[str]) -> dict[str, tuple]:
-        key = (n, tuple(names))
-        if self._resident is None or self._resident[0] != key:
-            self._resident = (key, self.load_group(0, n, names))
-        return self._resident[1]
 
     def fingerprint_target(self, label: float) -> int:
         bins = self.fingerprint.get("regression_bins") or []
         if bins:
             return int(np.argmin([abs(b - label) for b in bins]))
         return int(label)
-
-
-def _background(it, depth: int):
-    """Run a generator in a thread, `depth` items ahead: batch assembly (numpy gathers, decode)
-    overlaps the training step."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)

@@ -7,13 +7,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.device import pick_device
 from pipeline import backbone as bbm
-from pipeline import evaluate as ev
+from pipeline.metrics import predictions
 from pipeline.errors import DataError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
-from pipeline.side import LadderBatch
+from pipeline.batches import LadderBatch
+from pipeline.padding import decoder_inputs, pad
 from pipeline.tasks import Example, get_task
-from pipeline.train import load_side
+from pipeline.run_folder import load_side
 
 
 def read_inputs(lines, source: str) -> list[tuple[str, str | None]]:
@@ -46,7 +48,7 @@ class LSTModel(nn.Module):
 
     def __init__(self, run: str, device: str = "auto"):
         super().__init__()
-        dev = bbm.pick_device(device)
+        dev = pick_device(device)
         self.side, self.meta = load_side(run, dev)
         self.bb = bbm.load_backbone(self.meta["backbone"], device)
         if self.bb.sha256 != self.meta["backbone_sha256"]:
@@ -75,10 +77,10 @@ class LSTModel(nn.Module):
     def scores(self, texts: list[tuple[str, str | None]]) -> np.ndarray:
         exs = [Example(a, b, 0.0) for a, b in texts]
         enc = bbm.encode(self.task, exs, self.bb.tokenizer, self.bb.family, self.max_length)
-        ids, mask = bbm.pad(enc.src_ids)
+        ids, mask = pad(enc.src_ids)
         cand = None
         if self.bb.family == "t5":
-            cand = bbm.decoder_inputs(enc.cand_ids, int(getattr(self.bb.config, "decoder_start_token_id", 0) or 0))
+            cand = decoder_inputs(enc.cand_ids, int(getattr(self.bb.config, "decoder_start_token_id", 0) or 0))
         st = bbm.forward_states(self.bb, ids, mask, self.names, cand)
         batch = LadderBatch(ids, mask, {n: v.float() for n, v in st.items() if n.startswith(SRC)})
         if cand is not None:
@@ -95,7 +97,7 @@ class LSTModel(nn.Module):
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
             sc = self.scores(chunk)
-            pred = ev.predictions(sc, self.task.kind, self.task.regression_bins)
+            pred = predictions(sc, self.task.kind, self.task.regression_bins)
             for (a, b), p, s in zip(chunk, pred, sc):
                 row = {"text": a, "scores": [float(x) for x in s]}
                 if b is not None:

@@ -38,7 +38,7 @@ from torch import nn
 from pipeline.durable import atomic_path
 from pipeline.errors import ConfigError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
-from pipeline.side import SideNetwork, SideSpec
+from pipeline.side_spec import SideSpec
 
 ATTN = ("q", "k", "v", "o")
 
@@ -299,27 +299,15 @@ def init_fingerprint(spec: SideSpec, backbone: str, sha: str, init: str, n: int)
             "d_model": spec.d_model, "init": init, "fisher_samples": n}
 
 
-def build_side(spec: SideSpec, frozen, init: str, seed: int, weights=None, importance=None) -> SideNetwork:
-    """A side network: random init, then (magnitude / Fisher) the pruned backbone tensors copied in."""
-    torch.manual_seed(seed)
-    net = SideNetwork(spec, frozen)
-    if init != "random":
-        if weights is None:
-            raise ConfigError(f"init: {init} needs the backbone weights (or a side_init file)")
-        sd, _ = pruned_state(spec, weights, importance if importance is not None else weights)
-        missing = set(sd) - set(net.state_dict())
-        if missing:
-            raise ConfigError(f"internal: pruned tensors without a side parameter: {sorted(missing)[:5]}")
-        net.load_state_dict(sd, strict=False)
-    return net
-
-
-def save_side_init(path: str | Path, net: SideNetwork, fp: dict) -> None:
+def save_side_init(path: str | Path, tensors: dict[str, torch.Tensor], spec: SideSpec, fp: dict) -> None:
+    """The pruned tensors (none for a random init) with the spec and fingerprint they were made for. What is
+    not pruned from the backbone (ladders, gates, up-projection, head) is drawn by train_side from its own
+    seed, as the official code draws it from the training seed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"fingerprint": json.dumps(fp, sort_keys=True), "spec": net.spec.to_json()}
+    meta = {"fingerprint": json.dumps(fp, sort_keys=True), "spec": spec.to_json()}
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def load_side_init(path: str | Path, expect: dict) -> tuple[dict, dict]:

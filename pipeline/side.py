@@ -45,17 +45,17 @@ transformers' internal block signatures do, and so pruning can map every weight 
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import prune
 from pipeline.errors import ConfigError
 from pipeline.layout import EMB, SRC, TGT, state_name
+from pipeline.side_spec import SideSpec
 
 GATE_T = 0.1  # paper sec. 3.2
 _MATH_ATTENTION = [False]  # set while pipeline/stacked.py runs side nets under torch.func.vmap
@@ -71,122 +71,6 @@ def attention(q, k, v, bias, dropout_p: float, scale: float | None):
         s = s + bias
     return F.dropout(torch.softmax(s.float(), -1).to(q.dtype), dropout_p) @ v
 NEG = -1e9  # additive mask value; finite so a fully padded query row cannot turn into NaN
-
-
-@dataclass
-class SideSpec:
-    """Everything needed to rebuild a side network; saved as side_config.json beside its weights."""
-
-    family: str  # t5 | encoder | decoder
-    d_model: int
-    n_heads: int
-    d_kv: int
-    d_ff: int
-    n_layers: int  # backbone layers per stack
-    layers: list[int]  # kept side layers, 0-based backbone layer indices (T5: the encoder's)
-    r: int = 8
-    variant: str = "ladder"
-    kind: str = "classification"  # or regression
-    num_labels: int = 2
-    act: str = "relu"  # relu | gelu | gated-gelu | silu (SwiGLU)
-    norm_eps: float = 1e-6
-    vocab_size: int = 0
-    n_kv_heads: int = 0  # decoder-only grouped-query attention (0 = n_heads)
-    qkv_bias: bool = False
-    rel_buckets: int = 32
-    rel_max_distance: int = 128
-    rope_theta: float = 10000.0
-    tie_scale: bool = True  # T5 tied head: scale the final hidden state by d_model^-0.5
-    verbalizer_ids: list[int] = field(default_factory=list)  # decoder-only: first token of each verbalizer
-    dropout: float = 0.1  # each residual branch (T5 dropout_rate = 0.1, official side net)
-    select_k: int = 0  # token-selective training: gradients through k random source positions (+ the first)
-    dec_layers: list[int] | None = None  # T5 side decoder's kept layers (None: the same as `layers`)
-    attn_dropout: float = 0.1  # attention probabilities
-    ff_dropout: float = 0.1  # inside the feed-forward, after the activation
-    emb_dropout: float = 0.1  # embedding output, before the first ladder
-    final_dropout: float = 0.1  # after the side stack's final norm
-    mix_final: bool = False  # QST-style: up(side) mixed with the backbone's final state by a learned gate
-
-    def __post_init__(self):
-        for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
-            if size % self.r:
-                raise ConfigError(f"r: {self.r} does not divide the backbone's {name} ({size}); pick r dividing it")
-        if self.dec_layers is not None and self.family != "t5":
-            raise ConfigError(f"decoder_layers: only T5 has a side decoder; {self.family} side nets take `layers` only")
-        for name in ("layers", "dec_layers"):
-            keep = getattr(self, name)
-            if keep is None:
-                continue
-            field_name = "decoder_layers" if name == "dec_layers" else "layers"
-            bad = [k for k in keep if not 0 <= k < self.n_layers]
-            if bad:
-                raise ConfigError(f"{field_name}: {bad} out of range for a backbone with {self.n_layers} layers "
-                                  f"(0..{self.n_layers - 1})")
-            if not keep:
-                raise ConfigError(f"{field_name}: keep at least one side layer")
-            setattr(self, name, sorted(int(k) for k in keep))
-        if self.dec_layers == self.layers:
-            self.dec_layers = None  # one list for both stacks: the common case keeps one spelling
-        for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "fuse_after", "no_ladder")):
-            raise ConfigError("select_k: token-selective training is built for the ladder and no_ladder variants of "
-                              f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")
-        if self.select_k < 0:
-            raise ConfigError(f"select_k: must be 0 (off) or a positive number of positions, got {self.select_k}")
-
-    @property
-    def side_d(self) -> int:
-        return self.d_model // self.r
-
-    @property
-    def side_kv(self) -> int:
-        return self.d_kv // self.r
-
-    @property
-    def side_ff(self) -> int:
-        return self.d_ff // self.r
-
-    @property
-    def stacks(self) -> tuple[str, ...]:
-        return (SRC, TGT) if self.family == "t5" else (SRC,)
-
-    def layers_of(self, stack: str) -> list[int]:
-        """Kept backbone layers of one stack (the T5 decoder may keep its own list)."""
-        return self.dec_layers if stack == TGT and self.dec_layers is not None else self.layers
-
-    @property
-    def uses_ladders(self) -> bool:
-        return self.variant not in ("no_ladder", "late_fusion")
-
-    @property
-    def mixes_final(self) -> bool:
-        """Whether up(side) is mixed with the backbone's final state before the head (late fusion, mix_final)."""
-        return self.variant == "late_fusion" or self.mix_final
-
-    @property
-    def late_stack(self) -> str:
-        """The stack whose final backbone state late fusion mixes in: the one that feeds the head."""
-        return TGT if self.family == "t5" else SRC
-
-    def state_names(self, stack: str) -> list[str]:
-        """Backbone states this side net reads from the store, in ladder order (only what it uses)."""
-        first = [state_name(stack, EMB)] if self.family == "encoder" else []
-        if self.variant == "no_ladder":
-            return first
-        final = [state_name(stack, self.n_layers - 1)] if self.mixes_final and stack == self.late_stack else []
-        if self.variant == "late_fusion":
-            return first + final
-        ladders = [state_name(stack, k) for k in self.layers_of(stack)]
-        return first + ladders + [n for n in final if n not in ladders]
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SideSpec":
-        return cls(**json.loads(text))
 
 
 # ---------------------------------------------------------------- building blocks
@@ -679,99 +563,16 @@ class SideNetwork(nn.Module):
         return F.cross_entropy(scores.float(), labels.long())
 
 
-@dataclass
-class LadderBatch:
-    """One mini-batch for the side network, from the store or from a live backbone.
-
-    src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt); labels (B,).
-    Packed layout (pipeline/batches.py): the same fields are (R, P) rows of several examples each, `seg` says
-    which example (0..B-1) a slot holds and `pos` its position there; labels stay (B,), one per example.
-    T5 only: tgt_ids/tgt_mask/tgt_labels (N, U) decoder inputs, mask, targets (-100 = ignore);
-    tgt_row (N,) source row of each target row; n_candidates: C when every row's C candidates are
-    present in order (scores come back as (B, C)), 0 for teacher forcing on the gold target only.
-    """
-
-    src_ids: torch.Tensor
-    src_mask: torch.Tensor
-    states: dict
-    labels: torch.Tensor | None = None
-    tgt_ids: torch.Tensor | None = None
-    tgt_mask: torch.Tensor | None = None
-    tgt_labels: torch.Tensor | None = None
-    tgt_row: torch.Tensor | None = None
-    tgt_cand: torch.Tensor | None = None  # (N,) candidate index of each target row
-    n_candidates: int = 0
-    seg: torch.Tensor | None = None  # packed layout: (R, P) example of each slot (-1 empty); None = padded
-    pos: torch.Tensor | None = None  # packed layout: (R, P) position of each slot in its example
-
-    def to(self, device, dtype=None):
-        # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
-        nb = torch.device(device).type == "cuda"
-
-        def mv(t):
-            if t is None:
-                return None
-            if dtype is not None and t.is_floating_point() and t.dim() == 3:
-                return t.to(device, dtype, non_blocking=nb)
-            return t.to(device, non_blocking=nb)
-
-        return dataclasses.replace(
-            self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
-            states={k: mv(v) for k, v in self.states.items()}, labels=mv(self.labels), tgt_ids=mv(self.tgt_ids),
-            tgt_mask=mv(self.tgt_mask), tgt_labels=mv(self.tgt_labels), tgt_row=mv(self.tgt_row),
-            tgt_cand=mv(self.tgt_cand), seg=mv(self.seg), pos=mv(self.pos))
-
-    @property
-    def n_tokens(self) -> int:
-        n = int(self.src_mask.sum())
-        return n + (int(self.tgt_mask.sum()) if self.tgt_mask is not None else 0)
-
-
-DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")
-
-
-def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
-                     verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0, dec_layers="same",
-                     mix_final: bool = False, **site_dropout) -> SideSpec:
-    """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
-    list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
-    is the rate at every dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
-    overrides one site."""
-    from pipeline.layout import family_of
-
-    family = family_of(cfg.model_type)
-    if family == "t5":
-        n, act = cfg.num_layers, ("gated-gelu" if getattr(cfg, "is_gated_act", False) else "relu")
-        if getattr(cfg, "num_decoder_layers", n) != n:
-            raise ConfigError("backbone: T5 with different encoder and decoder depths is not supported")
-        base = dict(d_model=cfg.d_model, n_heads=cfg.num_heads, d_kv=cfg.d_kv, d_ff=cfg.d_ff, n_layers=n, act=act,
-                    norm_eps=cfg.layer_norm_epsilon, rel_buckets=cfg.relative_attention_num_buckets,
-                    rel_max_distance=getattr(cfg, "relative_attention_max_distance", 128),
-                    tie_scale=bool(getattr(cfg, "tie_word_embeddings", True)))
-    elif family == "encoder":
-        n = cfg.num_hidden_layers
-        base = dict(d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads,
-                    d_kv=cfg.hidden_size // cfg.num_attention_heads, d_ff=cfg.intermediate_size, n_layers=n,
-                    act="gelu", norm_eps=cfg.layer_norm_eps, tie_scale=False)
-    else:
-        n = cfg.num_hidden_layers
-        hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        base = dict(d_model=cfg.hidden_size, n_heads=cfg.num_attention_heads, d_kv=hs, d_ff=cfg.intermediate_size,
-                    n_layers=n, act="silu", norm_eps=cfg.rms_norm_eps, tie_scale=False,
-                    n_kv_heads=getattr(cfg, "num_key_value_heads", 0) or 0,
-                    qkv_bias=cfg.model_type == "qwen2",
-                    rope_theta=float(getattr(cfg, "rope_theta", None) or
-                                     (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-    keep = list(range(n)) if layers is None else list(layers)
-    dec = None if dec_layers == "same" or family != "t5" and dec_layers is None else (
-        list(range(n)) if dec_layers is None else list(dec_layers))
-    unknown = set(site_dropout) - set(DROPOUT_SITES)
-    if unknown:
-        raise TypeError(f"spec_from_config: unknown dropout sites {sorted(unknown)}")
-    rates = {site: float(dropout) for site in DROPOUT_SITES}
-    rates.update({k: float(v) for k, v in site_dropout.items() if v is not None})
-    return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
-                    num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
-                    vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids),
-                    select_k=select_k, dec_layers=dec, mix_final=bool(mix_final), **rates,
-                    **base)
+def build_side(spec: SideSpec, frozen, init: str, seed: int, weights=None, importance=None) -> SideNetwork:
+    """A side network: random init, then (magnitude / Fisher) the pruned backbone tensors copied in."""
+    torch.manual_seed(seed)
+    net = SideNetwork(spec, frozen)
+    if init != "random":
+        if weights is None:
+            raise ConfigError(f"init: {init} needs the backbone weights (or a side_init file)")
+        sd, _ = prune.pruned_state(spec, weights, importance if importance is not None else weights)
+        missing = set(sd) - set(net.state_dict())
+        if missing:
+            raise ConfigError(f"internal: pruned tensors without a side parameter: {sorted(missing)[:5]}")
+        net.load_state_dict(sd, strict=False)
+    return net

@@ -4,7 +4,7 @@
 """
 import click
 
-from pipeline import cache
+from pipeline import cache_activations
 from pipeline.config import CacheConfig, build, click_options
 from stages._cli import params_option, user_errors
 
@@ -15,7 +15,7 @@ from stages._cli import params_option, user_errors
 @user_errors
 def main(params_file, **flags):
     cfg = build(CacheConfig, params_file, "cache_activations", **flags)
-    for path in cache.run(cfg, log=click.echo):
+    for path in cache_activations.run(cfg, log=click.echo):
         click.echo(str(path))
 
 

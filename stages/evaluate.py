@@ -5,7 +5,7 @@ frozen-features baseline beside it; writes metrics.json, predictions.csv and a c
 """
 import click
 
-from pipeline import evaluation_run
+from pipeline import evaluate
 from pipeline.config import EvalConfig, build, click_options
 from stages._cli import params_option, user_errors
 
@@ -16,7 +16,7 @@ from stages._cli import params_option, user_errors
 @user_errors
 def main(params_file, **flags):
     cfg = build(EvalConfig, params_file, "evaluate", **flags)
-    metrics = evaluation_run.run(cfg)
+    metrics = evaluate.run(cfg)
     click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())))
 
 

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from pipeline.inspect import summarize
+from pipeline.inspect_cache import summarize
 from pipeline.ladder_store import LadderStore
 from stages._cli import user_errors
 

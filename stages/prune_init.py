@@ -5,7 +5,7 @@ Fisher back-propagates through the backbone, so run this where the backbone fits
 """
 import click
 
-from pipeline import prune_run
+from pipeline import prune_init
 from pipeline.config import PruneConfig, build, click_options
 from stages._cli import params_option, user_errors
 
@@ -16,7 +16,7 @@ from stages._cli import params_option, user_errors
 @user_errors
 def main(params_file, **flags):
     cfg = build(PruneConfig, params_file, "prune_init", **flags)
-    click.echo(prune_run.run(cfg, log=click.echo))
+    click.echo(prune_init.run(cfg, log=click.echo))
 
 
 if __name__ == "__main__":

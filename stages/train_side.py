@@ -4,7 +4,7 @@
 """
 import click
 
-from pipeline import train
+from pipeline import train_side
 from pipeline.config import TrainConfig, build, click_options
 from stages._cli import params_option, user_errors
 
@@ -15,7 +15,7 @@ from stages._cli import params_option, user_errors
 @user_errors
 def main(params_file, **flags):
     cfg = build(TrainConfig, params_file, "train_side", **flags)
-    metrics = train.train(cfg, log=click.echo)
+    metrics = train_side.train(cfg, log=click.echo)
     click.echo(" ".join(f"{k}={v}" for k, v in sorted(metrics.items())))
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipeline import backbone as bbm
-from pipeline import cache, prune
-from pipeline.batches import RowSet, layout, token_budget_batches
+from pipeline import cache_activations
+from pipeline.batches import RowSet, layout, reader, token_budget_batches
 from pipeline.config import CacheConfig
 from pipeline.ladder_store import LadderStore, decode_rows
-from pipeline.side import spec_from_config
+from pipeline.side import build_side
+from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task
 
 FIELDS = ("src_ids", "src_mask", "labels", "tgt_ids", "tgt_mask", "tgt_labels", "tgt_row", "tgt_cand", "seg", "pos")
@@ -33,8 +34,8 @@ def _same(a, b):
 
 def reference_padded(store, idx, names, all_candidates):
     """A padded batch built the plain way, example by example in numpy (the project's first reader)."""
-    from pipeline.backbone import decoder_inputs, pad
-    from pipeline.side import LadderBatch
+    from pipeline.padding import decoder_inputs, pad
+    from pipeline.batches import LadderBatch
 
     off = store.offsets
     ids, mask = pad([store.src_ids[off[i]:off[i + 1]] for i in idx])
@@ -70,7 +71,7 @@ def reference_padded(store, idx, names, all_candidates):
 
 def _store(backbone, task, tmp_path, **kw):
     cfg = CacheConfig(backbone=backbone, task=task, out=str(tmp_path), splits=["train"], device="cpu", **kw)
-    return LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    return LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
 
 
 @pytest.mark.parametrize("family,codec,dtype", [("bert", "zstd", "fp16"), ("bert", "int8", "fp16"),
@@ -82,9 +83,9 @@ def test_padded_batches_equal_a_plain_reference_and_the_device_resident_rowset(f
     names = store.names
     resident = RowSet.of_store(store, names, store.n, "cpu")
     for epoch in (0, 1):
-        host = list(store.batches(names, 10, shuffle=True, seed=4, epoch=epoch, all_candidates=all_candidates,
+        host = list(reader(store).batches(names, 10, shuffle=True, seed=4, epoch=epoch, all_candidates=all_candidates,
                                   prefetch=False))
-        plan = [idx for _, idx in store.epoch_plan(store.n, names, 10, True, 4, epoch, n_groups=1)]
+        plan = [idx for _, idx in reader(store).epoch_plan(store.n, names, 10, True, 4, epoch, n_groups=1)]
         assert len(host) == len(plan) == -(-store.n // 10)
         for a, idx in zip(host, plan):
             _same(a, resident.batch(idx, all_candidates))
@@ -118,7 +119,7 @@ def test_a_packed_batch_gives_the_same_loss_and_gradients_as_the_same_examples_p
     t = get_task(toy_task)
     verb = [int(c[0]) for c in store.cand] if family == "llama" else []
     spec = spec_from_config(hf, 4, None, "ladder", t.kind, t.num_labels, verb, dropout=0.0, mix_final=True)
-    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, True), "magnitude", 0,
+    net = build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, True), "magnitude", 0,
                            bbm.state_dict_from_files(backbone))
     names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
     rows = RowSet.of_store(store, names, store.n, "cpu")
@@ -159,8 +160,8 @@ def test_decode_of_stored_rows_is_exact_for_every_stored_dtype(tiny_bert, toy_ta
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_come_from_the_device_resident_split_and_equal_host_batches(tiny_t5, toy_task, tmp_path):
     store = _store(tiny_t5, toy_task, tmp_path)
-    host = list(store.batches(store.names, 10, shuffle=True, seed=1, epoch=2, prefetch=False))
-    dev = list(store.batches(store.names, 10, shuffle=True, seed=1, epoch=2, device="cuda", device_budget_mb=64))
-    assert store._on_device is not None and dev[0].src_ids.is_cuda
+    host = list(reader(store).batches(store.names, 10, shuffle=True, seed=1, epoch=2, prefetch=False))
+    dev = list(reader(store).batches(store.names, 10, shuffle=True, seed=1, epoch=2, device="cuda", device_budget_mb=64))
+    assert reader(store)._on_device is not None and dev[0].src_ids.is_cuda
     for a, b in zip(host, dev):
         _same(a, b.to("cpu"))

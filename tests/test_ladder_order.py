@@ -21,12 +21,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.batches import reader
 from pipeline import backbone as bbm
-from pipeline import cache, prune
+from pipeline import cache_activations
 from pipeline.config import CacheConfig
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT, state_name
-from pipeline.side import SideNetwork, spec_from_config
+from pipeline.side import SideNetwork, build_side
+from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task
 
 NEG = -1e9
@@ -34,12 +36,12 @@ NEG = -1e9
 
 def _net_and_batch(backbone, task, tmp_path, variant="ladder", layers=None, dec_layers="same", seed=0):
     cfg = CacheConfig(backbone=backbone, task=task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
-    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     hf = bbm.load_config(backbone)
     t = get_task(task)
     verb = [int(c[0]) for c in store.cand] if bbm.family_of_config(hf) == "decoder" else []
     spec = spec_from_config(hf, 4, layers, variant, t.kind, t.num_labels, verb, dropout=0.0, dec_layers=dec_layers)
-    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, spec.mixes_final), "magnitude", 0,
+    net = build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, spec.mixes_final), "magnitude", 0,
                            bbm.state_dict_from_files(backbone))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # gates away from mu = 0.5: mu and 1 - mu differ
@@ -47,7 +49,7 @@ def _net_and_batch(backbone, task, tmp_path, variant="ladder", layers=None, dec_
             if stack is not None and hasattr(stack, "alpha"):
                 stack.alpha.copy_(0.3 * torch.randn(stack.alpha.shape, generator=g))
     names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
-    batch = next(iter(store.batches(names, 8, shuffle=True, seed=3)))
+    batch = next(iter(reader(store).batches(names, 8, shuffle=True, seed=3)))
     return net.eval(), batch
 
 
@@ -304,8 +306,8 @@ def test_mix_final_adds_the_gated_final_state_to_the_ladder_net(family, tiny_ber
     names = {n for st in mixed_spec.stacks for n in mixed_spec.state_names(st)}
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path / "all"), dtype="fp32", splits=["train"],
                       device="cpu")
-    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
-    full = next(iter(store.batches(sorted(names), 8, shuffle=True, seed=3)))
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
+    full = next(iter(reader(store).batches(sorted(names), 8, shuffle=True, seed=3)))
     with torch.no_grad():
         plain = net(full).scores if family != "t5" else net(full).loss
         mixed.late_alpha.fill_(50.0)  # g = sigmoid(500) = 1: all side

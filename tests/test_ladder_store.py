@@ -12,11 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.batches import reader
+
+from pipeline.padding import decoder_inputs, pad
 from pipeline import backbone as bbm
-from pipeline import cache
+from pipeline import cache_activations
 from pipeline.config import CacheConfig
 from pipeline.errors import FingerprintMismatch, StoreError
-from pipeline.inspect import open_ladders, summarize
+from pipeline.inspect_cache import open_ladders, summarize
 from pipeline.ladder_store import LadderStore
 from pipeline.tasks import get_task
 
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_store(backbone, task, out, **kw):
     cfg = CacheConfig(backbone=backbone, task=task, out=str(out), device="cpu", batch_size=kw.pop("batch_size", 7),
                       shard_tokens=kw.pop("shard_tokens", 64), chunk_tokens=kw.pop("chunk_tokens", 16), **kw)
-    return cfg, cache.run(cfg, log=lambda *a: None)
+    return cfg, cache_activations.run(cfg, log=lambda *a: None)
 
 
 def live_states(backbone, task_path, split, names, limit=0):
@@ -35,11 +38,11 @@ def live_states(backbone, task_path, split, names, limit=0):
     exs = task.load("unused", 0)[split]
     exs = exs[:limit] if limit else exs
     enc = bbm.encode(task, exs, bb.tokenizer, bb.family, 64)
-    cand = bbm.decoder_inputs(enc.cand_ids, 0) if bb.family == "t5" else None
+    cand = decoder_inputs(enc.cand_ids, 0) if bb.family == "t5" else None
     # same batches as stage one (batch_size 7): padding changes matmul shapes, and so the last float bits
     out = {n: [] for n in names}
     for b in range(0, len(exs), 7):
-        ids, mask = bbm.pad(enc.src_ids[b:b + 7])
+        ids, mask = pad(enc.src_ids[b:b + 7])
         st = bbm.forward_states(bb, ids, mask, names, cand)
         for n in names:
             out[n].append(st[n][mask] if n.startswith("src") else st[n])
@@ -85,7 +88,7 @@ def test_real_minilm_fp16_store_is_live_states_rounded_to_fp16(tmp_path):
     task = get_task("rt-sentiment")
     exs = task.load(tmp_path / "raw", 0)["validation"][:24]
     enc = bbm.encode(task, exs, bb.tokenizer, bb.family, 64)
-    ids, mask = bbm.pad(enc.src_ids)
+    ids, mask = pad(enc.src_ids)
     live = bbm.forward_states(bb, ids, mask, store.names)
     for name in store.names:
         stored = store.rows(name, 0, int(store.offsets[-1]))
@@ -171,18 +174,18 @@ def test_kill_9_at_every_shard_write_then_resume_gives_bit_identical_store(famil
     torch.set_num_threads(1)
     try:
         quiet = lambda *a: None  # noqa: E731
-        ref = cache.cache_split(cfg(tmp_path / "ref"), bb, task, "train", examples, quiet)
+        ref = cache_activations.cache_split(cfg(tmp_path / "ref"), bb, task, "train", examples, quiet)
         tried, different, inside_batch, uneven = 0, {}, 0, 0
         for k in range(1, 10_000, step):
             out = tmp_path / f"kill{k}"
-            status = _killed_child(lambda: cache.cache_split(cfg(out), bb, task, "train", examples, quiet), k)
+            status = _killed_child(lambda: cache_activations.cache_split(cfg(out), bb, task, "train", examples, quiet), k)
             if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 break  # fewer than k shard writes: the run finished, every kill point was tried
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
             recorded = json.loads((out / "train.zarr" / "_progress.json").read_text())["shards"]
             uneven += len(set(recorded.values())) > 1  # arrays stopped at different shard counts
             logs = []
-            cache.cache_split(cfg(out), bb, task, "train", examples, logs.append)
+            cache_activations.cache_split(cfg(out), bb, task, "train", examples, logs.append)
             resumed = [m for m in logs if "resuming at example" in m]
             inside_batch += bool(resumed) and int(resumed[0].split("example ")[1].split()[0]) % 5 != 0
             tried += 1
@@ -233,7 +236,7 @@ def test_reader_batches_are_whole_examples_shuffled_per_epoch(tiny_bert, toy_tas
     seen = []
     for epoch in (0, 1):
         order = []
-        for b in store.batches(["src_01"], 10, shuffle=True, seed=3, epoch=epoch):
+        for b in reader(store).batches(["src_01"], 10, shuffle=True, seed=3, epoch=epoch):
             lens = b.src_mask.sum(1).numpy()
             for j in range(len(lens)):
                 row = b.src_ids[j, : lens[j]].numpy()
@@ -245,7 +248,7 @@ def test_reader_batches_are_whole_examples_shuffled_per_epoch(tiny_bert, toy_tas
         assert sorted(order) == list(range(store.n))
         seen.append(order)
     assert seen[0] != seen[1]
-    n_batches = sum(1 for _ in store.batches(["src_01"], 10, shuffle=True, seed=3, epoch=0))
+    n_batches = sum(1 for _ in reader(store).batches(["src_01"], 10, shuffle=True, seed=3, epoch=0))
     assert n_batches == len(range(0, store.n, 10))
 
 
@@ -259,7 +262,7 @@ def test_a_split_that_fits_in_ram_is_read_once_and_streamed_groups_give_the_same
 
     def epoch_rows(budget_mb, epoch):
         rows = {}
-        for b in store.batches(["src_01"], 7, shuffle=True, seed=1, epoch=epoch, ram_budget_mb=budget_mb):
+        for b in reader(store).batches(["src_01"], 7, shuffle=True, seed=1, epoch=epoch, ram_budget_mb=budget_mb):
             for j, n in enumerate(b.src_mask.sum(1).tolist()):
                 rows[tuple(b.src_ids[j, :n].tolist())] = b.states["src_01"][j, :n].clone()
         return rows

@@ -4,15 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.batches import reader
 from pipeline import backbone as bbm
-from pipeline import cache, prune
+from pipeline import cache_activations, prune
 from pipeline.config import CacheConfig
 from pipeline.errors import BackboneError, ConfigError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC
-from pipeline.side import SideNetwork, spec_from_config
+from pipeline.side import SideNetwork, build_side
+from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task
-from pipeline.prune_run import fisher_batches
+from pipeline.prune_init import fisher_batches
 from pipeline.config import PruneConfig
 
 FAMILIES = ["bert", "t5", "llama"]
@@ -29,7 +31,7 @@ def side_for(backbone, task, variant="ladder", init="magnitude", layers=None, r=
     spec = spec_from_config(cfg, r, layers, variant, t.kind, t.num_labels, verb, dropout=0.0)
     frozen = bbm.load_frozen_tensors(backbone, spec.family, spec.mixes_final)
     weights = bbm.state_dict_from_files(backbone) if init != "random" else None
-    return prune.build_side(spec, frozen, init, 0, weights)
+    return build_side(spec, frozen, init, 0, weights)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,14 +39,14 @@ def test_cache_and_live_backbone_give_identical_loss_and_gradients(family, tiny_
                                                                    toy_task, tmp_path):
     backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
-    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     net = side_for(backbone, toy_task, store=store)
-    from pipeline.train import BackboneFeed
+    from pipeline.train_side import BackboneFeed
     from pipeline.config import TrainConfig
 
     feed = BackboneFeed(TrainConfig(backbone=backbone, task=toy_task, device="cpu"), store)
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
-    for batch in list(store.batches(names, 16, shuffle=True, seed=1))[:2]:
+    for batch in list(reader(store).batches(names, 16, shuffle=True, seed=1))[:2]:
         grads = []
         for b in (batch, feed(batch, names)):
             net.zero_grad()
@@ -89,7 +91,7 @@ def test_pruned_weights_are_exact_slices_of_the_backbone(family, tiny_bert, tiny
     cfg = bbm.load_config(backbone)
     spec = spec_from_config(cfg, 2, [0, 2], "ladder", "classification", 2, [0, 1])
     W = prune.normalize_keys(bbm.state_dict_from_files(backbone))
-    net = prune.build_side(spec, bbm.load_frozen_tensors(backbone, spec.family), "magnitude", 0, W)
+    net = build_side(spec, bbm.load_frozen_tensors(backbone, spec.family), "magnitude", 0, W)
     idx = prune.select_indices(spec, W)
     R = idx["R"]
     for j, k in enumerate(spec.layers):
@@ -139,10 +141,10 @@ def test_fisher_equals_brute_force_per_example_gradients(family, tiny_bert, tiny
 def test_ablation_variants_train_a_step(variant, family, tiny_bert, tiny_t5, tiny_llama, toy_task, tmp_path):
     backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), splits=["train"], device="cpu")
-    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     net = side_for(backbone, toy_task, variant=variant, store=store)
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
-    batch = next(store.batches(names, 8, shuffle=False))
+    batch = next(reader(store).batches(names, 8, shuffle=False))
     loss = net(batch).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -200,7 +202,7 @@ def test_encoder_and_decoder_shapes_build_on_meta(kind, kw):
         net = SideNetwork(spec, frozen)
         ids = torch.zeros(2, 5, dtype=torch.long)
         states = {n: torch.empty(2, 5, kw["hidden_size"]) for n in spec.state_names(SRC)}
-        from pipeline.side import LadderBatch
+        from pipeline.batches import LadderBatch
 
         out = net(LadderBatch(ids, torch.ones(2, 5, dtype=torch.bool), states, torch.zeros(2)))
     assert out.scores.shape == (2, 2)
@@ -209,7 +211,7 @@ def test_encoder_and_decoder_shapes_build_on_meta(kind, kw):
 def _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k):
     backbone = backbone_for(family, tiny_bert, tiny_t5, None)
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
-    store = LadderStore(cache.run(cfg, log=lambda *a: None)[0])
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     net = side_for(backbone, toy_task, store=store)
     net.spec.select_k = select_k
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})
@@ -220,7 +222,7 @@ def _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k):
 def test_token_selective_side_net_with_every_position_selected_equals_plain_training(family, tiny_bert, tiny_t5,
                                                                                     toy_task, tmp_path):
     store, net, names = _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k=0)
-    batch = next(iter(store.batches(names, 8, shuffle=True, seed=2)))
+    batch = next(iter(reader(store).batches(names, 8, shuffle=True, seed=2)))
     net.train()  # dropout is 0: train mode only switches the selective path on
     out = {}
     for k in (0, batch.src_ids.shape[1]):
@@ -242,7 +244,7 @@ def test_token_selective_side_net_keeps_the_full_forward_values_at_selected_posi
     from pipeline.side import pad_bias, select_positions
 
     store, net, names = _store_and_net(family, tiny_bert, tiny_t5, toy_task, tmp_path, select_k=2)
-    batch = next(iter(store.batches(names, 8, shuffle=False)))
+    batch = next(iter(reader(store).batches(names, 8, shuffle=False)))
     emb, ladders = net._ladders(batch.states, SRC)
     if emb is None:
         emb = net._embed(batch.src_ids)

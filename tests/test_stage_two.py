@@ -80,7 +80,7 @@ def test_end_to_end_clis_write_exactly_the_declared_artifacts(family, tiny_bert,
     from pipeline import evaluate as E
     from pipeline.predict import LSTModel
     from pipeline.tasks import get_task
-    from pipeline.train import load_side
+    from pipeline.run_folder import load_side
 
     net, _ = load_side(run)
     cached_scores = E.score_store(net, test, 64, "cpu")
@@ -135,12 +135,14 @@ def test_best_validation_epoch_is_the_saved_side_net_and_is_recorded(cached):
     # the saved weights are that epoch's: scoring validation with them gives its accuracy again
     from pipeline import evaluate as E
     from pipeline.tasks import get_task
-    from pipeline.train import load_side
+    from pipeline.run_folder import load_side
 
     net, _ = load_side(tmp / "run")
     val = LadderStore(tmp / "cache" / "validation.zarr")
-    pred = E.predictions(E.score_store(net, val, 64, "cpu"), "classification", [])
-    assert E.task_metrics("classification", pred, val.labels)["accuracy"] == pytest.approx(max(vals))
+    from pipeline.metrics import predictions, task_metrics
+
+    pred = predictions(E.score_store(net, val, 64, "cpu"), "classification", [])
+    assert task_metrics("classification", pred, val.labels)["accuracy"] == pytest.approx(max(vals))
     assert get_task(task).metric == "accuracy"
 
 
@@ -201,12 +203,33 @@ def _pipeline_imports(module_path: Path, seen: set) -> set:
 
 
 @pytest.mark.parametrize("stage", ["cache_activations", "prune_init", "train_side", "evaluate"])
-def test_dvc_stage_deps_list_every_module_the_stage_imports(stage):
+def test_dvc_stage_deps_are_exactly_the_modules_the_stage_imports(stage):
     st = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     deps = {d for d in st["deps"] if d.endswith(".py")}
     imported = {str(p.relative_to(ROOT)) for p in _pipeline_imports(ROOT / "stages" / f"{stage}.py", set())}
     imported.add(f"stages/{stage}.py")
-    assert imported - {"pipeline/__init__.py", "stages/__init__.py"} <= deps, imported - deps
+    assert imported - {"pipeline/__init__.py", "stages/__init__.py"} == deps
+
+
+def test_editing_the_side_network_reruns_only_train_side_and_evaluate():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert sorted(name for name, st in stages.items() if "pipeline/side.py" in st["deps"]) == ["evaluate", "train_side"]
+    assert sorted(name for name, st in stages.items() if "pipeline/batches.py" in st["deps"]) == ["evaluate", "train_side"]
+
+
+def test_imports_point_one_way_store_to_batches_to_side():
+    """The store knows no model; batch assembly knows the store but not the network; the network knows
+    neither (it reads whatever batch it is given); stage modules sit on top."""
+    def deps(module):
+        return {str(p.relative_to(ROOT)) for p in _pipeline_imports(ROOT / "pipeline" / f"{module}.py", set())}
+
+    assert not deps("ladder_store") & {"pipeline/backbone.py", "pipeline/side.py", "pipeline/batches.py",
+                                         "pipeline/padding.py"}
+    assert "pipeline/ladder_store.py" in deps("batches") and "pipeline/side.py" not in deps("batches")
+    assert not deps("side") & {"pipeline/ladder_store.py", "pipeline/batches.py", "pipeline/backbone.py"}
+    assert not deps("prune") & {"pipeline/side.py"}  # the init stage never needs the network's code
+    for stage_logic in ("cache_activations", "prune_init", "train_side", "evaluate"):
+        assert (ROOT / "pipeline" / f"{stage_logic}.py").exists()  # stage X's logic lives in pipeline/X.py
 
 
 def test_packed_training_follows_the_padded_curve(cached):

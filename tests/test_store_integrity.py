@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cache
+from pipeline import cache_activations
 from pipeline import ladder_store as ls
 from pipeline.config import CacheConfig
 from tests.conftest import write_task
@@ -34,7 +34,7 @@ def pristine(tiny_bert, tmp_path_factory):
     task = write_task(root / "toy")
     cfg = CacheConfig(backbone=tiny_bert, task=task, out=str(root / "cache"), device="cpu", codec="none",
                       shard_tokens=32, chunk_tokens=16)
-    cache.run(cfg, log=lambda *a: None)
+    cache_activations.run(cfg, log=lambda *a: None)
     res = cli("train_side", ["--params", "none", "--backbone", tiny_bert, "--task", task, "--cache",
                              str(root / "cache"), "--out", str(root / "run"), "--r", "4", "--epochs", "1",
                              "--batch-size", "16", "--device", "cpu", "--init", "magnitude"])

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.padding import pad
 from pipeline import backbone as bbm
 from pipeline import prune
 from pipeline.config import PruneConfig
-from pipeline.side import spec_from_config
+from pipeline.side_spec import spec_from_config
 from pipeline.durable import check_writable
 from pipeline.tasks import check_targets, get_task
 
@@ -17,12 +18,12 @@ def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
     out = []
     for b in range(0, len(examples), cfg.batch_size):
         idx = list(range(b, min(b + cfg.batch_size, len(examples))))
-        ids, mask = bbm.pad([enc.src_ids[i] for i in idx])
+        ids, mask = pad([enc.src_ids[i] for i in idx])
         batch = {"ids": ids, "mask": mask, "labels": torch.from_numpy(enc.labels[idx])}
         # the gold verbalizer exists for T5 / decoder-only only; an encoder regresses on the label itself
         gold = [task.target_index(enc.labels[i]) for i in idx] if bb.family != "encoder" else []
         if bb.family == "t5":
-            tgt, tmask = bbm.pad([enc.cand_ids[g] for g in gold])
+            tgt, tmask = pad([enc.cand_ids[g] for g in gold])
             batch["tgt"] = tgt.masked_fill(~tmask, -100)
         elif bb.family == "decoder":
             batch["tgt"] = torch.tensor([int(enc.cand_ids[g][0]) for g in gold])
@@ -44,7 +45,6 @@ def run(cfg: PruneConfig, log=print) -> str:
             verb = [int(c[0]) for c in bbm.encode(task, [], bb.tokenizer, bb.family, cfg.max_length, ).cand_ids]
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, task.kind, task.num_labels, verb,
                             dec_layers=cfg.decoder_layer_list)
-    frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.mixes_final)
     weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init != "random" else None
     importance, n = None, 0
     if cfg.init == "fisher":
@@ -56,7 +56,8 @@ def run(cfg: PruneConfig, log=print) -> str:
         importance, n = prune.fisher_importance(bb, batches, task.kind)
         importance = {k.removeprefix("bert."): v.cpu() for k, v in importance.items()}
     sha = bb.sha256 if bb is not None else bbm.weights_sha256(cfg.backbone)
-    net = prune.build_side(spec, frozen, cfg.init, cfg.seed, weights, importance)
-    prune.save_side_init(cfg.out, net, prune.init_fingerprint(spec, cfg.backbone, sha, cfg.init, n))
-    log(f"side init ({cfg.init}, r={cfg.r}, layers={spec.layers}): {net.trainable_parameters():,} trainable parameters")
+    tensors = {} if cfg.init == "random" else prune.pruned_state(spec, weights, importance or weights)[0]
+    prune.save_side_init(cfg.out, tensors, spec, prune.init_fingerprint(spec, cfg.backbone, sha, cfg.init, n))
+    log(f"side init ({cfg.init}, r={cfg.r}, layers={spec.layers}): {sum(t.numel() for t in tensors.values()):,} "
+        "values pruned from the backbone")
     return cfg.out

@@ -9,35 +9,35 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pipeline.device import pick_device
 from pipeline import backbone as bbm
-from pipeline import evaluate as ev
+from pipeline.evaluate import score_store
+from pipeline.metrics import predictions, task_metrics
 from pipeline import prune
 from pipeline.config import TrainConfig, to_dict
 from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT
-from pipeline.side import LadderBatch, SideNetwork, spec_from_config
+from pipeline.run_folder import CURVES, METRICS, SIDE_CONFIG, SIDE_WEIGHTS, save_side
+from pipeline.batches import LadderBatch, reader
+from pipeline.padding import decoder_inputs
+from pipeline.side import SideNetwork, build_side
+from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task
 
 CHECKPOINT = "checkpoint.safetensors"  # tensors + JSON metadata in one file: no pickle, written atomically
-SIDE_WEIGHTS = "side.safetensors"
-SIDE_CONFIG = "side_config.json"
-METRICS = "metrics.json"
-CURVES = "plots/curves.csv"
 KILL_ENV = "LADDER_CACHE_KILL_AFTER_EPOCH"
 
 
@@ -58,7 +58,7 @@ class BackboneFeed:
         if self.bb.sha256 != store.fingerprint["backbone_sha256"]:
             raise ConfigError(f"backbone: {cfg.backbone} is not the backbone the cache {store.path} was made with")
         self.dropout = cfg.backbone_dropout  # official code: the frozen backbone runs in train mode
-        self.cand = (bbm.decoder_inputs(store.cand, int(store.fingerprint["decoder_start_token_id"]))
+        self.cand = (decoder_inputs(store.cand, int(store.fingerprint["decoder_start_token_id"]))
                      if self.bb.family == "t5" else None)
 
     def __call__(self, batch: LadderBatch, names: list[str], train: bool = False) -> LadderBatch:
@@ -121,10 +121,10 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
         raise ConfigError("init: fisher needs --side-init from the prune_init stage (it needs gradients through the backbone)")
     else:
         weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init == "magnitude" else None
-        net = prune.build_side(spec, frozen, cfg.init, cfg.seed, weights)
+        net = build_side(spec, frozen, cfg.init, cfg.seed, weights)
         del weights
         init_fp = dict(expect)
-    device = bbm.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     if device.type == "cuda":  # frozen tensors in half precision where the device supports it
         for name, buf in net.named_buffers():
             setattr(net, name, buf.to(torch.bfloat16))
@@ -172,7 +172,7 @@ class Run:
         (self.out / "plots").mkdir(parents=True, exist_ok=True)
         store = s.train
         self.n = min(store.n, cfg.limit) if cfg.limit else store.n
-        self.steps_per_epoch = len(list(store.epoch_plan(self.n, s.names, cfg.batch_size, True, data_seed(cfg), 0,
+        self.steps_per_epoch = len(list(reader(store).epoch_plan(self.n, s.names, cfg.batch_size, True, data_seed(cfg), 0,
                                                          cfg.ram_budget_mb, batch_tokens=cfg.batch_tokens)))
         total = self.steps_per_epoch * cfg.epochs
         warmup = max(1, min(cfg.warmup_steps, total // 10))  # paper: 500 steps; short runs would never leave warmup
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     read = read_options(cfg, s.train, s.device)
     for epoch in range(run.state["epoch"] + 1, cfg.epochs):
         bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
-        for batch in s.train.batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
+        for batch in reader(s.train).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
                                      seed=data_seed(cfg), epoch=epoch, **read):
             if s.feed is not None:
                 batch = s.feed(batch, s.names, train=True)
@@ -382,13 +382,13 @@ def sweep(base: TrainConfig, log=print) -> dict:
         if not active:
             continue
         t0 = time.perf_counter()
-        steps = len(list(train_store.epoch_plan(runs[0][1].n, names, base.batch_size, True, data_seed(base), epoch,
+        steps = len(list(reader(train_store).epoch_plan(runs[0][1].n, names, base.batch_size, True, data_seed(base), epoch,
                                                 base.ram_budget_mb, batch_tokens=base.batch_tokens)))
         bar = tqdm(total=steps, desc=f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", file=sys.stderr,
                    disable=None)
         alone, stacks = _groups(active, exact=base.sweep_exact)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        for batch in train_store.batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
+        for batch in reader(train_store).batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
                                          **read):
             for r in alone:
                 r.step(batch)
@@ -489,10 +489,10 @@ def _resumable(cfg: TrainConfig) -> dict:
 
 def evaluate_split(net, store, device, cfg, feed=None) -> dict:
     task = get_task(cfg.task)
-    scores = ev.score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb,
+    scores = score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb,
                             pack_len=store.longest if cfg.pack and feed is None else 0)
-    pred = ev.predictions(scores, task.kind, task.regression_bins)
-    return ev.task_metrics(task.kind, pred, store.labels[: len(pred)])
+    pred = predictions(scores, task.kind, task.regression_bins)
+    return task_metrics(task.kind, pred, store.labels[: len(pred)])
 
 
 def _write_curves(path: Path, rows: list[dict]):
@@ -501,28 +501,3 @@ def _write_curves(path: Path, rows: list[dict]):
         w = csv.DictWriter(fh, keys)
         w.writeheader()
         w.writerows(rows)
-
-
-def save_side(out: Path, net: SideNetwork, cfg: TrainConfig, store: LadderStore, init_info: dict):
-    """The side network alone (trainable tensors) + the config needed to rebuild and check it."""
-    with atomic_path(out / SIDE_WEIGHTS) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    fp = store.fingerprint
-    atomic_json(out / SIDE_CONFIG, {"spec": json.loads(net.spec.to_json()), "backbone": cfg.backbone,
-                                     "backbone_sha256": fp["backbone_sha256"], "task": cfg.task,
-                                     "max_length": fp["max_length"], "init": init_info, "train": to_dict(cfg)})
-
-
-def load_side(run: str | Path, device="cpu") -> tuple[SideNetwork, dict]:
-    from safetensors.torch import load_file
-
-    from pipeline.side import SideSpec
-
-    run = Path(run)
-    if not (run / SIDE_CONFIG).exists():
-        raise ConfigError(f"run: {run} has no {SIDE_CONFIG}; train first (python -m stages.train_side)")
-    meta = json.loads((run / SIDE_CONFIG).read_text())
-    spec = SideSpec(**meta["spec"])
-    net = SideNetwork(spec, bbm.load_frozen_tensors(meta["backbone"], spec.family, spec.mixes_final))
-    net.load_state_dict(load_file(str(run / SIDE_WEIGHTS)), strict=False)
-    return net.to(device).eval(), meta

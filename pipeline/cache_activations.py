@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.padding import decoder_inputs, pad
 from pipeline import ladder_store as ls
-from pipeline.backbone import (Backbone, check_max_length, checkpoint_files, decoder_inputs, encode, forward_states,
-                               load_backbone, load_config, pad, state_names_for)
+from pipeline.backbone import (Backbone, check_max_length, checkpoint_files, encode, forward_states, load_backbone,
+                               load_config, state_names_for)
 from pipeline.config import CacheConfig
 from pipeline.durable import owner_lock
 from pipeline.errors import LadderCacheError, StoreError
