@@ -248,8 +248,9 @@ def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
             "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "test_accuracy_mean": statistics.mean(100 * r["test"].get("accuracy", float("nan")) for r in rs),
             "trainable_params": rs[0]["trainable_params"]}
-    out["methods"]["frozen"] = {"test": [100 * frozen_test[metric]], "mean": 100 * frozen_test[metric], "std": 0.0,
-                                "trainable_params": None}
+    if frozen_test is not None:
+        out["methods"]["frozen"] = {"test": [100 * frozen_test[metric]], "mean": 100 * frozen_test[metric],
+                                    "std": 0.0, "trainable_params": None}
     ms = out["methods"]
     by_seed = {m: {r["seed"]: 100 * r["test"][metric] for r in rows if r["method"] == m} for m in ms}
     if "lst_cache" in by_seed and "lst_inloop" in by_seed:
@@ -259,6 +260,36 @@ def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
     if "lst_cache" in ms and "full_ft" in ms:
         out["lst_vs_full_ft_delta_pt"] = ms["lst_cache"]["mean"] - ms["full_ft"]["mean"]
     return out
+
+
+def collect(a):
+    """Aggregate whatever job results exist for --tasks from --jobs-dir, without running anything: the lr of
+    each tuned method from its seed-0 grid runs, then the runs at that lr; methods with no runs are listed as
+    missing. The frozen-features baseline is computed here when the task's fp16 cache exists under --work."""
+    out = Path(a.out)
+    res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
+    jobs_dir = Path(a.jobs_dir or Path(a.work) / "jobs")
+    for task in a.tasks.split(","):
+        runs = [json.loads(f.read_text()) for f in sorted((jobs_dir / task).glob("*.json"))]
+        metric = _headline(task)
+        best = {}
+        for m in LR_GRID:
+            grid = [r for r in runs if r["method"] == m and r["seed"] == 0 and r["lr"] in LR_GRID[m]]
+            if len(grid) == len(LR_GRID[m]):
+                best[m] = max(grid, key=lambda r: r["val"][metric])["lr"]
+        lst_lr = best.get("lst_cache")
+        rows = [r for r in runs if (r["method"] in best and r["lr"] == best[r["method"]])
+                or (r["method"] in LST_VARIANTS and r["method"] != "lst_cache" and r["lr"] == lst_lr)]
+        sel = [r for r in runs if r["method"] in LR_GRID and r["seed"] == 0]
+        cache = Path(a.work) / task / "cache_zstd"
+        frozen_test = frozen(task, {"zstd": str(cache)}) if (cache / "test.zarr").exists() else None
+        missing = sorted((set(LR_GRID) | set(LST_VARIANTS)) - {r["method"] for r in rows})
+        agg = aggregate(task, rows, frozen_test)
+        res["tasks"][task] = {**agg, "run": {"command": a.collect, "collected_by": " ".join(
+            ["python -m bench.accuracy"] + sys.argv[1:]), **TASKS[task]}, "lr_selection": sel, "runs": rows,
+            "missing_methods": missing}
+        print(task, "methods:", sorted(agg["methods"]), "missing:", missing)
+    out.write_text(json.dumps(res, indent=1))
 
 
 def main():
@@ -276,8 +307,13 @@ def main():
     ap.add_argument("--epochs", type=int, default=0, help="smoke runs only: override the epochs per task")
     ap.add_argument("--methods", default="", help="comma list of methods to run (default: all); the task's other "
                     "methods keep the runs already in --out, each marked with the command that made it")
+    ap.add_argument("--collect", default="", help="no training: aggregate the job files of a partly run task "
+                    "(machine and command recorded here), e.g. after a device's time ran out")
     a = ap.parse_args()
     from bench.machine import describe
+
+    if a.collect:
+        return collect(a)
 
     seeds = [int(s) for s in a.seeds.split(",")]
     dev = _device(a.device)
