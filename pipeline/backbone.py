@@ -15,6 +15,7 @@ import torch
 
 from pipeline.device import pick_device
 from pipeline.errors import BackboneError
+from pipeline.progress import quiet_transformers
 from pipeline.layout import EMB, SRC, TGT, family_of, state_name, stores_embedding
 from pipeline.tasks import Example, Task
 
@@ -168,6 +169,8 @@ class Backbone:
 def load_backbone(name: str, device: str = "auto", for_grad: bool = False) -> Backbone:
     """Frozen backbone in eval mode: bf16 on CUDA, fp32 on CPU."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
+
+    quiet_transformers()
 
     path = resolve(name)
     cfg = load_config(name)

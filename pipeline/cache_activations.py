@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.padding import decoder_inputs, pad
+from pipeline.progress import Progress
 from pipeline import ladder_store as ls
 from pipeline.backbone import (Backbone, check_max_length, checkpoint_files, encode, forward_states, load_backbone,
                                load_config, state_names_for)
@@ -28,7 +27,8 @@ def resolve_dtype(cfg: CacheConfig, bb: Backbone) -> str:
     return "bf16" if bb.dtype == torch.bfloat16 or bb.family == "t5" else "fp16"
 
 
-def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, dtype: str) -> dict:
+def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, dtype: str,
+                train_hash: str | None = None) -> dict:
     import numcodecs
     import transformers
 
@@ -36,6 +36,9 @@ def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
         "format_version": ls.FORMAT_VERSION, "backbone": bb.name, "backbone_sha256": bb.sha256,
         "tokenizer": bb.tokenizer_id, "max_length": int(cfg.max_length), "task": task.name, "split": split,
         "content_hash": content_hash(examples), "layers": _layers_key(cfg.layer_list),
+        # the whole train split's hash, whatever split and limit this store holds: a side init made for another
+        # task or another version of the data is refused by it (the init records the same hash)
+        "train_hash": train_hash or content_hash(examples),
         "decoder_layers": "same" if cfg.decoder_layer_list == "same" else _layers_key(cfg.decoder_layer_list),
         "dtype": dtype, "codec": cfg.codec, "limit": int(cfg.limit),
         "seed": int(cfg.seed), "family": bb.family, "n_layers": bb.n_layers, "d_model": _width(bb),
@@ -54,7 +57,8 @@ def _width(bb: Backbone) -> int:
     return int(getattr(bb.config, "d_model", None) or bb.config.hidden_size)
 
 
-def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print) -> Path:
+def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print,
+                train_hash: str | None = None) -> Path:
     enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
     names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list)
     dtype = resolve_dtype(cfg, bb)
@@ -65,7 +69,7 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
     d = _width(bb)
     arrays = [ls.ArraySpec(nm, int(n * K) if nm.startswith(TGT) else int(offsets[-1]), d,
                            np.arange(n + 1) * K if nm.startswith(TGT) else offsets) for nm in names]
-    fp = fingerprint(cfg, bb, task, split, examples, dtype)
+    fp = fingerprint(cfg, bb, task, split, examples, dtype, train_hash)
     path = Path(cfg.out) / f"{split}.zarr"
     writer = ls.StoreWriter(path, fp, offsets, np.concatenate(enc.src_ids), enc.labels, arrays,
                             enc.cand_ids, dtype=dtype, codec=cfg.codec,
@@ -109,7 +113,7 @@ def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, length
     writer.begin(start)
     cand = decoder_inputs(enc.cand_ids, writer.fp["decoder_start_token_id"]) if bb.family == "t5" else None
     t0, tokens = time.perf_counter(), 0
-    bar = tqdm(total=n - start, desc=f"cache {split}", unit="ex", file=sys.stderr, disable=None)
+    bar = Progress(n - start, f"cache {split}", unit="ex")
     for b in range(start, n, cfg.batch_size):
         idx = range(b, min(b + cfg.batch_size, n))
         ids, mask = pad([enc.src_ids[i] for i in idx])
@@ -126,8 +130,7 @@ def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, length
             _check_finite(rows, name, idx, split, cfg, dtype)
             writer.append(name, rows.float())
         tokens += int(lens.sum())
-        bar.update(len(idx))
-        bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.update(len(idx), tokens_per_s=round(tokens / (time.perf_counter() - t0)))
     bar.close()
     writer.finish()
     return tokens, time.perf_counter() - t0
@@ -158,10 +161,11 @@ def run(cfg: CacheConfig, log=print) -> list[Path]:
     bb = load_backbone(cfg.backbone, cfg.device)
     out, paths = Path(cfg.out), []
     made_out = not out.exists()
+    train_hash = content_hash(data["train"]) if "train" in data else None
     try:
         for split in cfg.splits:
             examples = data[split][: cfg.limit] if cfg.limit else data[split]
-            paths.append(cache_split(cfg, bb, task, split, examples, log))
+            paths.append(cache_split(cfg, bb, task, split, examples, log, train_hash))
     except LadderCacheError:
         if made_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty --out behind

@@ -23,6 +23,9 @@ VARIANTS = ("ladder", "fuse_after", "no_ladder", "late_fusion", "adapter", "cros
 VARIANT_HELP = ("ladder (LST) | fuse_after (ablation: ladder fused after its side block) | no_ladder (network "
                 "compression) | late_fusion (Side-Tuning) | adapter | cross_attention (paper ablations).")
 DEVICES = ("auto", "cpu", "cuda")
+TASK_HELP = ("A built-in task (list: python -m stages.tasks) or a task .yaml file of your own (schema and check: "
+             "python -m stages.tasks --help). Given on the command line, the stage's input and output folders default "
+             "to that task's (data/<task>/..., runs/<task>/side).")
 
 
 def _f(default, help: str, **kw):
@@ -70,7 +73,7 @@ class CacheConfig:
     """Stage one: run the frozen backbone once and write the ladder store."""
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
-    task: str = _f("rt-sentiment", "Task name (see `python -m stages.tasks`), or csv:/json:/parquet: path spec.")
+    task: str = _f("rt-sentiment", TASK_HELP)
     splits: list = _f(["train", "validation", "test"], "Splits to cache (repeat --splits).", multiple=True)
     max_length: int = _f(64, "Truncate inputs to this many tokens.")
     layers: str = _f("all", "Backbone layers to store, 0-based, e.g. '1,2,3,5', or 'all' (T5: the encoder's).")
@@ -125,7 +128,7 @@ class PruneConfig:
     """Side-network init from the backbone (paper sec. 3.3); Fisher needs the backbone, so it runs here."""
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
-    task: str = _f("rt-sentiment", "Task whose training examples estimate the Fisher information.")
+    task: str = _f("rt-sentiment", TASK_HELP + " Its training examples estimate the Fisher information.")
     r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.")
     layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all' (T5: the side encoder's).")
     decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
@@ -164,13 +167,15 @@ class PruneConfig:
 class TrainConfig:
     """Stage two: train the side network from the ladder store (or, for comparison, the live backbone)."""
 
-    task: str = _f("rt-sentiment", "Task name; must match the cache's.")
+    task: str = _f("rt-sentiment", TASK_HELP + " It must be the cache's.")
     cache: str = _f("data/cache", "Folder with <split>.zarr stores from stage one.")
     out: str = _f("runs/side", "Output folder: side.safetensors, side_config.json, metrics.json, plots.")
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Backbone (frozen tensors the side net reuses; --feed backbone).")
     r: int = _f(8, "Reduction factor r.")
-    init: str = _f("magnitude", "fisher|magnitude|random. fisher needs --side-init from prune_init.")
-    side_init: str = _f("", "side_init.safetensors from the prune_init stage ('' = build here).")
+    init: str = _f("fisher", "fisher|magnitude|random (paper Fig. 7: Fisher is best). fisher needs --side-init from "
+                             "prune_init; magnitude and random can also be built here (--side-init '').")
+    side_init: str = _f("data/side_init.safetensors", "side_init.safetensors from the prune_init stage ('' = build "
+                                                      "the magnitude or random init here).")
     layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'; must be stored in the cache "
                             "(T5: the side encoder's).")
     decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
@@ -265,7 +270,9 @@ class TrainConfig:
 class EvalConfig:
     """Evaluate a trained side network from the cache, with the frozen-features baseline beside it."""
 
-    run: str = _f("runs/side", "Folder written by train_side.")
+    task: str = _f("", "The run's task ('' = whatever the run was trained on); given on the command line, the run, "
+                       "cache and output default to that task's folders (runs/<task>/side, data/<task>/cache).")
+    run: str = _f("runs/side", "Folder written by train_side (a sweep's --out holds its best config).")
     cache: str = _f("data/cache", "Folder with <split>.zarr stores.")
     split: str = _f("test", "Split to evaluate.")
     out: str = _f("runs/side/eval", "Output folder: metrics.json, predictions, confusion plot.")
@@ -313,7 +320,33 @@ def build(cls, params_file=None, section: str | None = None, **overrides):
         if values.get(f.name) is not None:
             where = f"--{f.name.replace('_', '-')}" if f.name in flags else f"{params_file} [{section}] {f.name}"
             values[f.name] = _typed(f, values[f.name], where)
+    if flags.get("task") and flags["task"] != from_file.get("task"):
+        values.update({k: v for k, v in task_paths(cls, flags["task"]).items() if k not in flags})
     return cls(**values)
+
+
+def task_name(task: str) -> str:
+    """A task's name without loading it: a built-in name as is, a task file's `name:` (else its file stem).
+    A file that cannot be read is reported by the stage that loads it."""
+    if not task.endswith((".yaml", ".yml")):
+        return task
+    try:
+        spec = yaml.safe_load(Path(task).read_text()) or {}
+        return str(spec.get("name") or Path(task).stem) if isinstance(spec, dict) else Path(task).stem
+    except (OSError, yaml.YAMLError):
+        return Path(task).stem
+
+
+def task_paths(cls, task: str) -> dict[str, str]:
+    """Where each stage reads and writes for a task named on the command line (one flag is enough: the stages
+    find each other's outputs): data/<task>/cache, data/<task>/side_init.safetensors, runs/<task>/side."""
+    name = task_name(task).replace("/", "_")
+    data, run = Path("data") / name, Path("runs") / name / "side"
+    init = data / "side_init.safetensors"
+    return {CacheConfig: {"out": str(data / "cache")},
+            PruneConfig: {"out": str(init)},
+            TrainConfig: {"cache": str(data / "cache"), "out": str(run), "side_init": str(init) if init.exists() else ""},
+            EvalConfig: {"run": str(run), "cache": str(data / "cache"), "out": str(run / "eval")}}.get(cls, {})
 
 
 def _typed(f, v, where: str):
@@ -354,19 +387,29 @@ def _typed(f, v, where: str):
     return v
 
 
-def click_options(cls):
+def click_options(cls, section: str | None = None, params_file: str = "params.yaml"):
     """Decorator adding one click option per dataclass field (help from the field's metadata).
 
-    Defaults are None so that params.yaml stays the source of truth unless a flag is given.
+    Defaults are None so that params.yaml stays the source of truth unless a flag is given. The help shows
+    the value a run will use without the flag: the `section` of ./params.yaml when it sets the key, else the
+    built-in default, and says which.
     """
     import click
+
+    try:
+        from_params = load_section(params_file, section) if section else {}
+    except ConfigError:  # a broken params.yaml is reported when the stage runs, not by --help
+        from_params = {}
 
     def deco(fn):
         for f in reversed(dataclasses.fields(cls)):
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_ = f"{help_} [params default: {default}]"
+            if f.name in from_params:
+                help_ = f"{help_} [default: {from_params[f.name]!r} from {params_file}]"
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                help_ = f"{help_} [default: {default!r}, built in]"
             if f.type == "bool":
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_)(fn)
             elif f.metadata.get("multiple"):

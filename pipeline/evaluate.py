@@ -13,10 +13,11 @@ from pipeline.batches import reader
 from pipeline.config import EvalConfig
 from pipeline.device import pick_device
 from pipeline.durable import atomic_json, atomic_path
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC
 from pipeline.metrics import predictions, task_metrics
+from pipeline.plots import confusion_png
 from pipeline.run_folder import load_side
 from pipeline.tasks import get_task
 
@@ -69,6 +70,9 @@ def run(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     net, meta = load_side(cfg.run, device)
     task = get_task(meta["task"])
+    if cfg.task and get_task(cfg.task).name != task.name:
+        raise ConfigError(f"task: {cfg.run} was trained on task {task.name}, not {get_task(cfg.task).name}; "
+                          "point --run at that task's run")
     # the run's own backbone and max_length: a store made for another config is refused, every field named
     expect = {"task": task.name, "backbone_sha256": meta["backbone_sha256"], "max_length": int(meta["max_length"])}
     store = LadderStore(Path(cfg.cache) / f"{cfg.split}.zarr", expect=dict(expect, split=cfg.split))
@@ -91,32 +95,6 @@ def run(cfg: EvalConfig) -> dict:
     with atomic_path(out / "plots" / "predictions.csv") as tmp:
         tmp.write_text("\n".join(rows) + "\n")
     if task.kind == "classification":
-        _confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
+        confusion_png(out / "plots" / "confusion.png", store.labels.astype(int), pred, task.label_names)
     atomic_json(out / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
-
-
-def _confusion_png(path: Path, y, p, names):
-    """A static PNG beside the DVC plot, for users without the CDN that `dvc plots show` HTML loads."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    C = len(names)
-    m = np.zeros((C, C), int)
-    for a, b in zip(y, p):
-        m[a, b] += 1
-    fig, ax = plt.subplots(figsize=(1.2 * C + 2, 1.2 * C + 1.5))
-    ax.imshow(m, cmap="Blues")
-    for i in range(C):
-        for j in range(C):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center")
-    ax.set_xticks(range(C), names, rotation=30)
-    ax.set_yticks(range(C), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)

@@ -81,7 +81,7 @@ CODEC_NOTES = {
 }
 # Fingerprint fields that must match between a store and the config reading it.
 FINGERPRINT_FIELDS = ("format_version", "backbone", "backbone_sha256", "tokenizer", "max_length", "task", "split",
-                      "content_hash", "layers", "decoder_layers", "dtype", "codec", "limit", "seed")
+                      "content_hash", "train_hash", "layers", "decoder_layers", "dtype", "codec", "limit", "seed")
 
 
 def _compressors(codec: str):

@@ -93,18 +93,26 @@ class LSTModel(nn.Module):
             batch.states.update({n: v.float() for n, v in st.items() if n.startswith(TGT)})
         return self.side(batch.to(self.device)).scores.float().cpu().numpy()
 
-    def predict(self, texts, batch_size: int = 64):
+    def predict(self, texts, batch_size: int = 64, raw_scores: bool = False):
+        """One JSON line per input: the label name and every label's probability (softmax of the side net's
+        class logits, or of the candidate log-likelihoods for T5 / decoder-only rank classification), or the
+        predicted value for regression; raw scores only on request."""
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
             sc = self.scores(chunk)
             pred = predictions(sc, self.task.kind, self.task.regression_bins)
             for (a, b), p, s in zip(chunk, pred, sc):
-                row = {"text": a, "scores": [float(x) for x in s]}
+                row = {"text": a}
                 if b is not None:
                     row["text_pair"] = b
                 if self.task.kind == "classification":
-                    row["label"] = int(p)
-                    row["label_name"] = self.task.label_names[int(p)]
+                    prob = np.exp(s - s.max())
+                    prob /= prob.sum()
+                    row["label"] = self.task.label_names[int(p)]
+                    row["label_index"] = int(p)
+                    row["probabilities"] = {n: round(float(q), 6) for n, q in zip(self.task.label_names, prob)}
                 else:
                     row["prediction"] = float(p)
+                if raw_scores:
+                    row["scores"] = [float(x) for x in s]
                 yield json.dumps(row)

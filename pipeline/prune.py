@@ -289,14 +289,18 @@ def fisher_importance(bb, batches, kind: str = "classification") -> tuple[dict[s
 
 # ---------------------------------------------------------------- side_init files
 
-INIT_FIELDS = ("backbone", "backbone_sha256", "family", "r", "layers", "decoder_layers", "variant", "d_model")
+# what a side init must share with the run that loads it: the backbone, the side net's shape, and the task
+# (name, and the hash of its whole train split, which stage one records in every store as train_hash)
+INIT_FIELDS = ("backbone", "backbone_sha256", "family", "r", "layers", "decoder_layers", "variant", "d_model",
+               "task", "train_hash")
 
 
-def init_fingerprint(spec: SideSpec, backbone: str, sha: str, init: str, n: int) -> dict:
+def init_fingerprint(spec: SideSpec, backbone: str, sha: str, init: str, n: int, task: str,
+                     train_hash: str | None) -> dict:
     dec = "same" if spec.dec_layers is None else ",".join(map(str, spec.dec_layers))
     return {"backbone": backbone, "backbone_sha256": sha, "family": spec.family, "r": spec.r,
             "layers": ",".join(map(str, spec.layers)), "decoder_layers": dec, "variant": spec.variant,
-            "d_model": spec.d_model, "init": init, "fisher_samples": n}
+            "d_model": spec.d_model, "init": init, "fisher_samples": n, "task": task, "train_hash": train_hash}
 
 
 def save_side_init(path: str | Path, tensors: dict[str, torch.Tensor], spec: SideSpec, fp: dict) -> None:

@@ -10,7 +10,7 @@ from pipeline import prune
 from pipeline.config import PruneConfig
 from pipeline.side_spec import spec_from_config
 from pipeline.durable import check_writable
-from pipeline.tasks import check_targets, get_task
+from pipeline.tasks import check_targets, content_hash, get_task
 
 
 def fisher_batches(bb, task, examples, cfg: PruneConfig) -> list[dict]:
@@ -47,9 +47,9 @@ def run(cfg: PruneConfig, log=print) -> str:
                             dec_layers=cfg.decoder_layer_list)
     weights = bbm.state_dict_from_files(cfg.backbone) if cfg.init != "random" else None
     importance, n = None, 0
+    train = task.load(cfg.data_dir, cfg.seed)["train"]  # its hash ties the init to this task's data
     if cfg.init == "fisher":
         rng = np.random.default_rng(cfg.seed)
-        train = task.load(cfg.data_dir, cfg.seed)["train"]
         pick = rng.permutation(len(train))[: cfg.fisher_samples]
         batches = fisher_batches(bb, task, [train[i] for i in pick], cfg)
         log(f"empirical Fisher over {len(pick)} training examples of {task.name}")
@@ -57,7 +57,8 @@ def run(cfg: PruneConfig, log=print) -> str:
         importance = {k.removeprefix("bert."): v.cpu() for k, v in importance.items()}
     sha = bb.sha256 if bb is not None else bbm.weights_sha256(cfg.backbone)
     tensors = {} if cfg.init == "random" else prune.pruned_state(spec, weights, importance or weights)[0]
-    prune.save_side_init(cfg.out, tensors, spec, prune.init_fingerprint(spec, cfg.backbone, sha, cfg.init, n))
+    fp = prune.init_fingerprint(spec, cfg.backbone, sha, cfg.init, n, task.name, content_hash(train))
+    prune.save_side_init(cfg.out, tensors, spec, fp)
     log(f"side init ({cfg.init}, r={cfg.r}, layers={spec.layers}): {sum(t.numel() for t in tensors.values()):,} "
         "values pruned from the backbone")
     return cfg.out

@@ -3,7 +3,7 @@
     side.safetensors     the side network's trainable tensors (the best validation epoch)
     side_config.json     its SideSpec, the backbone (name + weights sha256), task, max_length, init, train config
     metrics.json         train_side's metrics (best epoch, peak memory, tokens/s, validation metrics)
-    plots/curves.csv     one row per epoch (train loss, validation metrics)
+    plots/curves.csv     one row per epoch (train loss, validation metrics); plots/curves.png the same, drawn
     checkpoint.safetensors  the last epoch's full training state, for --resume (train_side only)
 
 Frozen backbone tensors the side net reuses (embedding table, LM head) are never saved with it: they are read
@@ -27,6 +27,7 @@ SIDE_WEIGHTS = "side.safetensors"
 SIDE_CONFIG = "side_config.json"
 METRICS = "metrics.json"
 CURVES = "plots/curves.csv"
+CURVES_PNG = "plots/curves.png"
 
 
 def save_side(out: Path, net: SideNetwork, cfg, store, init_info: dict):

@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import json
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from pipeline.device import pick_device
 from pipeline import backbone as bbm
@@ -30,7 +28,9 @@ from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT
-from pipeline.run_folder import CURVES, METRICS, SIDE_CONFIG, SIDE_WEIGHTS, save_side
+from pipeline.plots import curves_png
+from pipeline.progress import Progress
+from pipeline.run_folder import CURVES, CURVES_PNG, METRICS, SIDE_CONFIG, SIDE_WEIGHTS, save_side
 from pipeline.batches import LadderBatch, reader
 from pipeline.padding import decoder_inputs
 from pipeline.side import SideNetwork, build_side
@@ -109,7 +109,7 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
                          f"(cache_activations.layers) or keep only stored ones ({', '.join(train.names)})")
     frozen = bbm.load_frozen_tensors(cfg.backbone, spec.family, spec.mixes_final)
     sha = fp["backbone_sha256"]
-    expect = prune.init_fingerprint(spec, fp["backbone"], sha, cfg.init, 0)
+    expect = prune.init_fingerprint(spec, fp["backbone"], sha, cfg.init, 0, fp["task"], fp.get("train_hash"))
     if cfg.side_init:
         tensors, init_fp = prune.load_side_init(cfg.side_init, expect)
         if init_fp.get("init") != cfg.init:
@@ -227,26 +227,26 @@ class Run:
         st = self.state
         st["curves"].append(row)
         self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        _write_curves(self.out / CURVES, st["curves"])
         if s.val is None or st["best"] is None or row[self.key] > st["best"]["value"]:
             # ties keep the earlier epoch, as the HF Trainer's best-model tracking does
             st["best"] = {"epoch": epoch + 1, "value": row.get(self.key)}
             save_side(self.out, s.net, cfg, s.train, s.init_info)
+        _write_curves(self.out / CURVES, st["curves"])
+        curves_png(self.out / CURVES_PNG, st["curves"], self.task.metric, st["best"]["epoch"])
         st["epoch"] = epoch
         _rng_set(s.device, self.rng)  # the checkpoint stores this run's own stream
         save_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched, st)
         self._epoch_start()
 
     def finish(self) -> dict:
-        s, cfg, st = self.s, self.cfg, self.state
+        s, st = self.s, self.state
         peak, kind = peak_memory_mb(s.device)
         curves, best = st["curves"], st["best"]
+        # measurements only (the config is in side_config.json); val_* are the best epoch's, the saved side net's
         metrics = {"trainable_params": s.net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
                    "train_tokens_per_s": (self.tokens / self.train_time) if self.train_time else None,
-                   "epochs": cfg.epochs, "seed": cfg.seed, "data_seed": data_seed(cfg), "feed": cfg.feed,
-                   "init": cfg.init, "r": cfg.r, "variant": cfg.variant, "train_examples": self.n,
-                   "final_train_loss": curves[-1]["train_loss"] if curves else None, "best_epoch": best["epoch"],
-                   "selected_by": self.key if s.val is not None else "last epoch (no validation split)"}
+                   "train_examples": self.n, "final_train_loss": curves[-1]["train_loss"] if curves else None,
+                   "best_epoch": best["epoch"]}
         if s.val is not None:
             metrics.update({k: v for k, v in curves[best["epoch"] - 1].items() if k.startswith("val_")})
             metrics[f"last_epoch_{self.key}"] = curves[-1][self.key]
@@ -276,17 +276,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
         torch.cuda.reset_peak_memory_stats(s.device)
     read = read_options(cfg, s.train, s.device)
     for epoch in range(run.state["epoch"] + 1, cfg.epochs):
-        bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=None)
+        bar = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for batch in reader(s.train).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
                                      seed=data_seed(cfg), epoch=epoch, **read):
             if s.feed is not None:
                 batch = s.feed(batch, s.names, train=True)
             run.step(batch.to(s.device))
-            bar.update(1)
-            if bar.n % 20 == 0:  # .item() syncs a GPU: only now and then
-                bar.set_postfix(loss=f"{run.losses[-1].item():.4f}",
-                                tok_s=f"{run.ep_tokens / (time.perf_counter() - run.t0):.0f}",
-                                mem_mb=f"{peak_memory_mb(s.device)[0]:.0f}")
+            if bar.n % 20 == 19:  # .item() syncs a GPU: only now and then
+                bar.update(1, loss=run.losses[-1].item(), tokens_per_s=round(run.ep_tokens / (time.perf_counter() - run.t0)),
+                           peak_mb=round(peak_memory_mb(s.device)[0]))
+            else:
+                bar.update(1)
         bar.close()
         run.end_epoch(epoch, shared_time=time.perf_counter() - run.t0)
         crash_point(KILL_ENV, epoch + 1)  # test hook: die like kill -9 right after this checkpoint
@@ -384,8 +384,7 @@ def sweep(base: TrainConfig, log=print) -> dict:
         t0 = time.perf_counter()
         steps = len(list(reader(train_store).epoch_plan(runs[0][1].n, names, base.batch_size, True, data_seed(base), epoch,
                                                 base.ram_budget_mb, batch_tokens=base.batch_tokens)))
-        bar = tqdm(total=steps, desc=f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", file=sys.stderr,
-                   disable=None)
+        bar = Progress(steps, f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", unit="step")
         alone, stacks = _groups(active, exact=base.sweep_exact)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         for batch in reader(train_store).batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
@@ -424,7 +423,7 @@ def sweep(base: TrainConfig, log=print) -> dict:
         w.writeheader()
         w.writerows(rows)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES):  # the best config, where evaluate and predict look
+    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES, CURVES_PNG):  # the best config: evaluate and predict look here
         with atomic_path(out / f) as tmp:
             shutil.copyfile(Path(best["out"]) / f, tmp)
     atomic_json(out / SWEEP_JSON, summary)

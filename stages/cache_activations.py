@@ -4,16 +4,17 @@
 """
 import click
 
-from pipeline import cache_activations
 from pipeline.config import CacheConfig, build, click_options
 from stages._cli import params_option, user_errors
 
 
 @click.command(help=__doc__)
 @params_option
-@click_options(CacheConfig)
+@click_options(CacheConfig, "cache_activations")
 @user_errors
 def main(params_file, **flags):
+    from pipeline import cache_activations  # heavy (torch, transformers): only when running, so --help is instant
+
     cfg = build(CacheConfig, params_file, "cache_activations", **flags)
     for path in cache_activations.run(cfg, log=click.echo):
         click.echo(str(path))

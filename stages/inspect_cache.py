@@ -9,8 +9,6 @@ import json
 
 import click
 
-from pipeline.inspect_cache import summarize
-from pipeline.ladder_store import LadderStore
 from stages._cli import user_errors
 
 
@@ -22,6 +20,9 @@ from stages._cli import user_errors
 @click.option("--verify", is_flag=True, help="Hash every file against the store's record (full integrity check).")
 @user_errors
 def main(path, reference, top_k, as_json, verify):
+    from pipeline.inspect_cache import summarize  # zarr, dask: not for --help
+    from pipeline.ladder_store import LadderStore
+
     if verify:
         files, nbytes, seconds = LadderStore(path).verify()
         click.echo(f"{path}: ok, {files} files, {nbytes / 2**20:.1f} MiB hashed in {seconds:.2f} s "

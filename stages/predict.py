@@ -1,7 +1,8 @@
 """Predict with the backbone + trained side network on raw text; JSONL out, one record per input line.
 
 Input: a UTF-8 text file (one example per line; a tab separates the two texts of a pair task) or '-' for
-stdin. An --out file is written whole or not at all.
+stdin. Output, one JSON line per input line: {"text", "label", "label_index", "probabilities": {name: p}}
+for classification, {"text", "prediction"} for regression; --raw-scores adds "scores".
 
     echo "a gorgeous, witty film" | python -m stages.predict --run runs/side -
 """
@@ -12,18 +13,22 @@ import click
 
 from pipeline.durable import atomic_path, check_writable, write_failure
 from pipeline.errors import ConfigError, DataError
-from pipeline.predict import LSTModel, read_inputs
 from stages._cli import user_errors
 
 
 @click.command(help=__doc__)
 @click.argument("input", default="-")
-@click.option("--run", default="runs/side", show_default=True, help="Folder written by train_side.")
-@click.option("--out", default="-", help="JSONL output file (default stdout).")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--run", default="runs/side", show_default=True,
+              help="Folder written by train_side (a sweep's --out holds its best config).")
+@click.option("--out", default="-", help="JSONL output file, written whole or not at all (default: stdout).")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Texts per backbone + side-net forward.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda.")
+@click.option("--raw-scores", is_flag=True, help="Also print the raw scores (class logits or candidate "
+                                                 "log-likelihoods) behind the probabilities.")
 @user_errors
-def main(input, run, out, batch_size, device):
+def main(input, run, out, batch_size, device, raw_scores):
+    from pipeline.predict import LSTModel, read_inputs  # heavy (torch, transformers): not for --help
+
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     if input == "-":
@@ -37,7 +42,7 @@ def main(input, run, out, batch_size, device):
         check_writable(out)
     model = LSTModel(run, device)
     model.check_inputs(texts, "stdin" if input == "-" else input)
-    rows = model.predict(texts, batch_size)
+    rows = model.predict(texts, batch_size, raw_scores)
     if out == "-":
         for row in rows:
             click.echo(row)

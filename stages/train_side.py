@@ -4,16 +4,17 @@
 """
 import click
 
-from pipeline import train_side
 from pipeline.config import TrainConfig, build, click_options
 from stages._cli import params_option, user_errors
 
 
 @click.command(help=__doc__)
 @params_option
-@click_options(TrainConfig)
+@click_options(TrainConfig, "train_side")
 @user_errors
 def main(params_file, **flags):
+    from pipeline import train_side  # heavy (torch, transformers): only when running, so --help is instant
+
     cfg = build(TrainConfig, params_file, "train_side", **flags)
     metrics = train_side.train(cfg, log=click.echo)
     click.echo(" ".join(f"{k}={v}" for k, v in sorted(metrics.items())))

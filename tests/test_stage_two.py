@@ -70,7 +70,7 @@ def test_end_to_end_clis_write_exactly_the_declared_artifacts(family, tiny_bert,
     declared = declared_outputs("train_side") | declared_outputs("evaluate")
     assert made == declared
     m = json.loads((run / "metrics.json").read_text())
-    for key in ("trainable_params", "peak_memory_mb", "train_tokens_per_s", "epochs", "seed", "val_accuracy"):
+    for key in ("trainable_params", "peak_memory_mb", "train_tokens_per_s", "best_epoch", "val_accuracy"):
         assert key in m
     ev = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"accuracy", "baseline_accuracy", "matthews_correlation", "f1"} <= set(ev)
@@ -89,7 +89,14 @@ def test_end_to_end_clis_write_exactly_the_declared_artifacts(family, tiny_bert,
     live_scores = model.scores([(e.text_a, e.text_b) for e in exs])
     assert np.allclose(cached_scores, live_scores, atol=1e-4), np.abs(cached_scores - live_scores).max()
     lines = [json.loads(x) for x in model.predict([(e.text_a, None) for e in exs[:3]])]
-    assert [x["label"] for x in lines] == list(cached_scores[:3].argmax(1))
+    names = get_task(toy_task).label_names
+    assert [x["label"] for x in lines] == [names[i] for i in cached_scores[:3].argmax(1)]
+    for x, s in zip(lines, cached_scores[:3]):  # probabilities: softmax of the scores, named by label
+        p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        assert list(x["probabilities"]) == names and np.allclose(list(x["probabilities"].values()), p, atol=1e-4)
+        assert "scores" not in x
+    raw = json.loads(next(model.predict([(exs[0].text_a, None)], raw_scores=True)))
+    assert np.allclose(raw["scores"], cached_scores[0], atol=1e-4)
 
 
 def read_curves(path):
@@ -327,3 +334,80 @@ def test_a_stacked_sweep_equals_each_config_alone_to_float_tolerance_without_dro
         for k in a:
             # fused vs plain attention kernels round differently, and Adam amplifies that in tiny gradients
             assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), (name, k, (a[k] - b[k]).abs().max())
+
+
+def test_one_task_flag_is_enough_for_the_stages_to_find_each_other(tiny_bert, toy_task, tmp_path, monkeypatch):
+    """cache_activations, prune_init, train_side and evaluate given only --task (and the backbone) read and
+    write that task's folders; the side init records the task and its data hash, and another task's init is
+    refused naming those fields."""
+    from tests.conftest import write_task
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--task", toy_task, "--device", "cpu"]
+    ok(cli("cache_activations", ["--backbone", tiny_bert, "--dtype", "fp32", *common]))
+    assert (tmp_path / "data" / "toy" / "cache" / "train.zarr").is_dir()
+    ok(cli("prune_init", ["--backbone", tiny_bert, "--r", "4", "--fisher-samples", "8", *common]))
+    assert (tmp_path / "data" / "toy" / "side_init.safetensors").is_file()
+    ok(cli("train_side", ["--backbone", tiny_bert, "--r", "4", "--epochs", "1", "--batch-size", "16", *common]))
+    assert (tmp_path / "runs" / "toy" / "side" / "side.safetensors").is_file()
+    ok(cli("evaluate", common))
+    assert json.loads((tmp_path / "runs" / "toy" / "side" / "eval" / "metrics.json").read_text())["examples"] > 0
+    other = write_task(tmp_path / "other", seed=1).replace("toy/task.yaml", "task.yaml")
+    (tmp_path / "other" / "task.yaml").write_text((tmp_path / "other" / "task.yaml").read_text().replace("name: toy",
+                                                                                                      "name: other"))
+    ok(cli("cache_activations", ["--backbone", tiny_bert, "--dtype", "fp32", "--task", other, "--device", "cpu"]))
+    res = cli("train_side", ["--backbone", tiny_bert, "--r", "4", "--epochs", "1", "--task", other, "--device", "cpu",
+                             "--side-init", str(tmp_path / "data" / "toy" / "side_init.safetensors")])
+    assert res.exit_code == 2 and "task" in res.output and "train_hash" in res.output, res.output
+
+
+def test_help_shows_the_value_a_run_will_use_and_where_it_comes_from(tmp_path):
+    import subprocess
+    import sys
+
+    import click
+
+    out = subprocess.run([sys.executable, "-m", "stages.train_side", "--help"], cwd=ROOT, capture_output=True,
+                         text=True).stdout  # help reads ./params.yaml when the stage is imported
+    assert "[default: 5 from params.yaml]" in " ".join(out.split())  # params.yaml's train_side.epochs
+    (tmp_path / "p.yaml").write_text("train_side: {lr: 0.02}\n")
+
+    @click.command()
+    @C.click_options(C.TrainConfig, "train_side", str(tmp_path / "p.yaml"))
+    def f(**kw):
+        pass
+
+    text = " ".join(CliRunner().invoke(f, ["--help"]).output.split())
+    assert "[default: 0.02 from" in text and "[default: 10, built in]" in text  # lr from the file, epochs built in
+
+
+def test_stage_help_needs_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    for stage in ("cache_activations", "prune_init", "train_side", "evaluate", "predict", "inspect_cache", "tasks"):
+        code = (f"import sys, stages.{stage}; heavy = [m for m in ('torch', 'transformers', 'zarr', 'pandas') "
+                "if m in sys.modules]; print(heavy)")
+        res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert res.stdout.strip() == "[]", (stage, res.stdout, res.stderr)
+
+
+def test_the_package_docstring_lists_every_module():
+    import pipeline
+
+    listed = {line.split()[0] for line in pipeline.__doc__.splitlines() if line.startswith("  ") and line.strip()}
+    files = {p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__"}
+    assert listed == files
+
+
+def test_each_module_imports_only_modules_listed_above_it():
+    import pipeline
+
+    order = [line.split()[0] for line in pipeline.__doc__.splitlines() if line.startswith("  ") and line.strip()]
+    for i, mod in enumerate(order):
+        tree = ast.parse((ROOT / "pipeline" / f"{mod}.py").read_text())
+        used = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+                used |= ({node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names})
+        assert used <= set(order[:i]), (mod, used - set(order[:i]))
