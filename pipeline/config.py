@@ -63,6 +63,17 @@ def yaml_problem(where: str, e: Exception) -> ConfigError:
     return ConfigError(f"{where}: not valid YAML{at}: {getattr(e, 'problem', None) or e}")
 
 
+def read_yaml(path: str | Path, what: str, missing_hint: str = ""):
+    """A YAML file's content ({} when empty), or one error naming the file (and where its syntax breaks)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist{missing_hint}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise yaml_problem(f"{what} {path}", e) from None
+
+
 def _check_choice(name: str, value, choices):
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -292,11 +303,7 @@ def load_section(params_file: str | Path | None, section: str) -> dict:
     path = Path(params_file)
     if not path.exists():
         return {}
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as e:
-        raise yaml_problem(str(path), e) from None
+    data = read_yaml(path, "params file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of stage sections at the top level")
     sec = data.get(section) or {}

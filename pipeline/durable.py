@@ -2,6 +2,7 @@
 write is one clear error, a stage-one store has one writer at a time, and the tests' kill -9 hook."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -131,3 +132,12 @@ def crash_point(env: str, count: int) -> None:
     """Test hook: SIGKILL this process (as `kill -9` would) when the variable `env` equals `count`."""
     if os.environ.get(env) == str(count):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (stores, weights and downloaded archives are hashed with it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -64,7 +64,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.durable import atomic_json, crash_point
+from pipeline.durable import sha256_file, atomic_json, crash_point
 from pipeline.errors import FingerprintMismatch, StoreError
 from pipeline.layout import TGT
 
@@ -142,14 +142,6 @@ RECORD_DIGEST = "record_sha256"
 
 
 # ---------------------------------------------------------------- the completion record and its checks
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def file_entry(path: Path) -> dict | None:
     """{"bytes", "sha256"} of a file just written; None where zarr wrote no file (a chunk or shard that is

