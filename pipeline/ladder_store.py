@@ -36,7 +36,8 @@ edit of the record itself is caught. Chunks also carry zarr's crc32c. Readers ch
       recorded size and no unrecorded file sits in the store; the metadata files and the small arrays
       (offsets, src_ids, labels, cand_*) are hashed in full; array shapes and dtypes match what the
       fingerprint and offsets imply. 23-31 ms for a 1.07 GiB, 74-file store.
-  on read (`rows`, `batches`): each shard file is hashed the first time this LadderStore reads from it.
+  on read (`rows`, `load_group`: every batch reader): each shard file is hashed the first time this
+      LadderStore reads from it.
       A swapped or copied shard of the same size passes every crc32c (each chunk is self-consistent);
       only its hash shows it. Cost: one more read of each file per process: loading that whole store
       into RAM took 4.1-4.4 s with the hashes vs 3.1-4.1 s without (warm page cache).

@@ -27,7 +27,7 @@ def shape_key(run) -> str:
 
 
 class StackedRuns:
-    """Runs (pipeline.train.Run) stacked for one epoch: built from their nets and optimizer states, and
+    """Runs (pipeline.train_side.Run) stacked for one epoch: built from their nets and optimizer states, and
     written back into them by `unstack()` before each run's end of epoch."""
 
     def __init__(self, runs: list):
