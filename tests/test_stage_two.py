@@ -411,3 +411,18 @@ def test_each_module_imports_only_modules_listed_above_it():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
                 used |= ({node.module.split(".")[1]} if "." in node.module else {a.name for a in node.names})
         assert used <= set(order[:i]), (mod, used - set(order[:i]))
+
+
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_a_stacked_sweep_runs_t5_and_decoder_side_nets_as_alone(family, tiny_t5, tiny_llama, toy_task, tmp_path):
+    bb = tiny_t5 if family == "t5" else tiny_llama
+    ok(cli("cache_activations", ["--backbone", bb, "--task", toy_task, "--out", str(tmp_path / "cache"),
+                                 "--dtype", "fp32", "--device", "cpu"]))
+    off = ["--dropout", "0", "--attn-dropout", "0", "--ff-dropout", "0", "--emb-dropout", "0", "--final-dropout", "0"]
+    args = ["--epochs", "1", "--side-init", "", *off]
+    (tmp_path / "sweep.yaml").write_text("lr: [0.003, 0.01]\n")
+    ok(cli("train_side", train_args(bb, toy_task, tmp_path, "sw", "--sweep", str(tmp_path / "sweep.yaml"), *args)))
+    ok(cli("train_side", train_args(bb, toy_task, tmp_path, "alone", "--lr", "0.01", "--data-seed", "0", *args)))
+    a, b = _weights(tmp_path / "sw" / "lr0.01"), _weights(tmp_path / "alone")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), (k, (a[k] - b[k]).abs().max())
