@@ -51,7 +51,9 @@ LST_VARIANTS = {  # method -> what differs from LST (TrainConfig fields, and the
 
 
 def lst_config(method: str) -> dict:
-    from bench.explore import EXPLORE  # what-closes-the-gap variants (issue 10 item 9), same machinery
+    from bench.explore import (
+        EXPLORE,  # what-closes-the-gap variants (issue 10 item 9), same machinery
+    )
 
     return {**LST, "r": R, **{**LST_VARIANTS, **EXPLORE}[method]}
 BATCH = 100  # paper

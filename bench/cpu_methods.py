@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import gpu_t5  # noqa: E402
-from bench.machine import describe  # noqa: E402
 from bench.baselines import ENCODER_METHODS, T5_METHODS, build_encoder, loss_encoder  # noqa: E402
+from bench.machine import describe  # noqa: E402
 
 LST = ("lst_inloop", "lst_cache_fp16", "lst_cache_int8", "lst_cache_bitround", "lst_cache_selective",
        "stage_one_forward")
@@ -50,8 +50,8 @@ def run_encoder(method: str, B: int, S: int, warmup: int, steps: int) -> dict:
     from transformers import BertModel
 
     from pipeline.backbone import Backbone, forward_states
-    from pipeline.layout import SRC
     from pipeline.batches import LadderBatch
+    from pipeline.layout import SRC
     from pipeline.side import SideNetwork
     from pipeline.side_spec import spec_from_config
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.side import select_positions  # shared with the side network's select_k option
+from pipeline.side import (
+    select_positions,  # shared with the side network's select_k option
+)
 
 
 def _heads(x, H):

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.batches import reader  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from pipeline.batches import reader  # noqa: E402
 
 
 def _sync(dev):
@@ -125,8 +125,8 @@ def main():
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     from pipeline import cache_activations as stage_one
-    from pipeline.device import pick_device
     from pipeline.config import CacheConfig
+    from pipeline.device import pick_device
 
     dev = pick_device(a.device)
     cache = Path(a.work) / "cache"

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from bench.machine import describe
-from pipeline.batches import reader
-from pipeline.padding import pad
 from pipeline import backbone as bbm
 from pipeline import cache_activations
+from pipeline.batches import reader
 from pipeline.config import CacheConfig
 from pipeline.inspect_cache import summarize
 from pipeline.ladder_store import LadderStore
+from pipeline.padding import pad
 from pipeline.tasks import get_task
 
 

@@ -15,8 +15,8 @@ import torch
 
 from pipeline.device import pick_device
 from pipeline.errors import BackboneError
-from pipeline.progress import quiet_transformers
 from pipeline.layout import EMB, SRC, TGT, family_of, state_name, stores_embedding
+from pipeline.progress import quiet_transformers
 from pipeline.tasks import Example, Task
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -168,7 +168,12 @@ class Backbone:
 
 def load_backbone(name: str, device: str = "auto", for_grad: bool = False) -> Backbone:
     """Frozen backbone in eval mode: bf16 on CUDA, fp32 on CPU."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
 
     quiet_transformers()
 

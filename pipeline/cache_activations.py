@@ -8,15 +8,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.padding import decoder_inputs, pad
-from pipeline.progress import Progress
 from pipeline import ladder_store as ls
-from pipeline.backbone import (Backbone, check_max_length, checkpoint_files, encode, forward_states, load_backbone,
-                               load_config, state_names_for)
+from pipeline.backbone import (
+    Backbone,
+    check_max_length,
+    checkpoint_files,
+    encode,
+    forward_states,
+    load_backbone,
+    load_config,
+    state_names_for,
+)
 from pipeline.config import CacheConfig
 from pipeline.durable import owner_lock
 from pipeline.errors import LadderCacheError, StoreError
 from pipeline.layout import TGT, family_of
+from pipeline.padding import decoder_inputs, pad
+from pipeline.progress import Progress
 from pipeline.tasks import Task, check_targets, content_hash, get_task
 
 

@@ -65,7 +65,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from pipeline.durable import sha256_file, atomic_json, crash_point
+from pipeline.durable import atomic_json, crash_point, sha256_file
 from pipeline.errors import FingerprintMismatch, StoreError
 from pipeline.layout import TGT
 

@@ -7,15 +7,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.device import pick_device
 from pipeline import backbone as bbm
-from pipeline.metrics import predictions
+from pipeline.batches import LadderBatch
+from pipeline.device import pick_device
 from pipeline.errors import DataError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
-from pipeline.batches import LadderBatch
+from pipeline.metrics import predictions
 from pipeline.padding import decoder_inputs, pad
-from pipeline.tasks import Example, get_task
 from pipeline.run_folder import load_side
+from pipeline.tasks import Example, get_task
 
 
 def read_inputs(lines, source: str) -> list[tuple[str, str | None]]:

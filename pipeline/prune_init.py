@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.padding import pad
 from pipeline import backbone as bbm
 from pipeline import prune
 from pipeline.config import PruneConfig
-from pipeline.side_spec import spec_from_config
 from pipeline.durable import check_writable
+from pipeline.padding import pad
+from pipeline.side_spec import spec_from_config
 from pipeline.tasks import check_targets, content_hash, get_task
 
 

@@ -18,21 +18,28 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.device import pick_device
 from pipeline import backbone as bbm
-from pipeline.evaluate import score_store
-from pipeline.metrics import predictions, task_metrics
 from pipeline import prune
+from pipeline.batches import LadderBatch, reader
 from pipeline.config import TrainConfig, read_yaml, to_dict
+from pipeline.device import pick_device
 from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
+from pipeline.evaluate import score_store
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT
+from pipeline.metrics import predictions, task_metrics
+from pipeline.padding import decoder_inputs
 from pipeline.plots import curves_png
 from pipeline.progress import Progress
-from pipeline.run_folder import CURVES, CURVES_PNG, METRICS, SIDE_CONFIG, SIDE_WEIGHTS, save_side
-from pipeline.batches import LadderBatch, reader
-from pipeline.padding import decoder_inputs
+from pipeline.run_folder import (
+    CURVES,
+    CURVES_PNG,
+    METRICS,
+    SIDE_CONFIG,
+    SIDE_WEIGHTS,
+    save_side,
+)
 from pipeline.side import SideNetwork, build_side
 from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task

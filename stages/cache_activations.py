@@ -13,7 +13,9 @@ from stages._cli import params_option, user_errors
 @click_options(CacheConfig, "cache_activations")
 @user_errors
 def main(params_file, **flags):
-    from pipeline import cache_activations  # heavy (torch, transformers): only when running, so --help is instant
+    from pipeline import (
+        cache_activations,  # heavy (torch, transformers): only when running, so --help is instant
+    )
 
     cfg = build(CacheConfig, params_file, "cache_activations", **flags)
     for path in cache_activations.run(cfg, log=click.echo):

@@ -14,7 +14,9 @@ from stages._cli import params_option, user_errors
 @click_options(EvalConfig, "evaluate")
 @user_errors
 def main(params_file, **flags):
-    from pipeline import evaluate  # heavy (torch, transformers): only when running, so --help is instant
+    from pipeline import (
+        evaluate,  # heavy (torch, transformers): only when running, so --help is instant
+    )
 
     cfg = build(EvalConfig, params_file, "evaluate", **flags)
     metrics = evaluate.run(cfg)

@@ -27,7 +27,10 @@ from stages._cli import user_errors
                                                  "log-likelihoods) behind the probabilities.")
 @user_errors
 def main(input, run, out, batch_size, device, raw_scores):
-    from pipeline.predict import LSTModel, read_inputs  # heavy (torch, transformers): not for --help
+    from pipeline.predict import (  # heavy (torch, transformers): not for --help
+        LSTModel,
+        read_inputs,
+    )
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")

@@ -14,7 +14,9 @@ from stages._cli import params_option, user_errors
 @click_options(PruneConfig, "prune_init")
 @user_errors
 def main(params_file, **flags):
-    from pipeline import prune_init  # heavy (torch, transformers): only when running, so --help is instant
+    from pipeline import (
+        prune_init,  # heavy (torch, transformers): only when running, so --help is instant
+    )
 
     cfg = build(PruneConfig, params_file, "prune_init", **flags)
     click.echo(prune_init.run(cfg, log=click.echo))

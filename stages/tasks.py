@@ -36,7 +36,11 @@ from stages._cli import user_errors
 @click.option("--offline-only", is_flag=True, help="List only tasks whose data need no hub (skip glue/*).")
 @user_errors
 def main(check, data_dir, seed, offline_only):
-    from pipeline.tasks import check_targets, get_task, registry  # pandas: not for --help
+    from pipeline.tasks import (  # pandas: not for --help
+        check_targets,
+        get_task,
+        registry,
+    )
 
     if check:
         task = get_task(check)

@@ -13,7 +13,9 @@ from stages._cli import params_option, user_errors
 @click_options(TrainConfig, "train_side")
 @user_errors
 def main(params_file, **flags):
-    from pipeline import train_side  # heavy (torch, transformers): only when running, so --help is instant
+    from pipeline import (
+        train_side,  # heavy (torch, transformers): only when running, so --help is instant
+    )
 
     cfg = build(TrainConfig, params_file, "train_side", **flags)
     metrics = train_side.train(cfg, log=click.echo)

@@ -34,8 +34,8 @@ def _same(a, b):
 
 def reference_padded(store, idx, names, all_candidates):
     """A padded batch built the plain way, example by example in numpy (the project's first reader)."""
-    from pipeline.padding import decoder_inputs, pad
     from pipeline.batches import LadderBatch
+    from pipeline.padding import decoder_inputs, pad
 
     off = store.offsets
     ids, mask = pad([store.src_ids[off[i]:off[i + 1]] for i in idx])

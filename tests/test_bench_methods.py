@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from bench.baselines import build_encoder, build_t5, loss_encoder, loss_t5
-from bench.selective import bert_selective_forward, select_positions, t5_selective_encoder
+from bench.selective import (
+    bert_selective_forward,
+    select_positions,
+    t5_selective_encoder,
+)
 
 
 def _bert():

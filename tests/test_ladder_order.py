@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.batches import reader
 from pipeline import backbone as bbm
 from pipeline import cache_activations
+from pipeline.batches import reader
 from pipeline.config import CacheConfig
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT, state_name

@@ -12,15 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.batches import reader
-
-from pipeline.padding import decoder_inputs, pad
 from pipeline import backbone as bbm
 from pipeline import cache_activations
+from pipeline.batches import reader
 from pipeline.config import CacheConfig
 from pipeline.errors import FingerprintMismatch, StoreError
 from pipeline.inspect_cache import open_ladders, summarize
 from pipeline.ladder_store import LadderStore
+from pipeline.padding import decoder_inputs, pad
 from pipeline.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,18 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.batches import reader
 from pipeline import backbone as bbm
 from pipeline import cache_activations, prune
-from pipeline.config import CacheConfig
+from pipeline.batches import reader
+from pipeline.config import CacheConfig, PruneConfig
 from pipeline.errors import BackboneError, ConfigError
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC
+from pipeline.prune_init import fisher_batches
 from pipeline.side import SideNetwork, build_side
 from pipeline.side_spec import spec_from_config
 from pipeline.tasks import get_task
-from pipeline.prune_init import fisher_batches
-from pipeline.config import PruneConfig
 
 FAMILIES = ["bert", "t5", "llama"]
 
@@ -41,8 +40,8 @@ def test_cache_and_live_backbone_give_identical_loss_and_gradients(family, tiny_
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
     store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     net = side_for(backbone, toy_task, store=store)
-    from pipeline.train_side import BackboneFeed
     from pipeline.config import TrainConfig
+    from pipeline.train_side import BackboneFeed
 
     feed = BackboneFeed(TrainConfig(backbone=backbone, task=toy_task, device="cpu"), store)
     names = sorted({n for st in net.spec.stacks for n in net.spec.state_names(st)})

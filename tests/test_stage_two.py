@@ -79,8 +79,8 @@ def test_end_to_end_clis_write_exactly_the_declared_artifacts(family, tiny_bert,
     test = LadderStore(cache / "test.zarr")
     from pipeline import evaluate as E
     from pipeline.predict import LSTModel
-    from pipeline.tasks import get_task
     from pipeline.run_folder import load_side
+    from pipeline.tasks import get_task
 
     net, _ = load_side(run)
     cached_scores = E.score_store(net, test, 64, "cpu")
@@ -141,8 +141,8 @@ def test_best_validation_epoch_is_the_saved_side_net_and_is_recorded(cached):
     assert m["val_accuracy"] == pytest.approx(max(vals)) and m["last_epoch_val_accuracy"] == pytest.approx(vals[-1])
     # the saved weights are that epoch's: scoring validation with them gives its accuracy again
     from pipeline import evaluate as E
-    from pipeline.tasks import get_task
     from pipeline.run_folder import load_side
+    from pipeline.tasks import get_task
 
     net, _ = load_side(tmp / "run")
     val = LadderStore(tmp / "cache" / "validation.zarr")
