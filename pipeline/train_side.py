@@ -423,7 +423,8 @@ def sweep(base: TrainConfig, log=print) -> dict:
         w.writeheader()
         w.writerows(rows)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES, CURVES_PNG):  # the best config: evaluate and predict look here
+    # the best config, where evaluate and predict look (and every file dvc.yaml declares for a single run)
+    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES, CURVES_PNG, CHECKPOINT):
         with atomic_path(out / f) as tmp:
             shutil.copyfile(Path(best["out"]) / f, tmp)
     atomic_json(out / SWEEP_JSON, summary)

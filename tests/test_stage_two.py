@@ -280,6 +280,8 @@ def test_an_exact_sweep_trains_every_config_bit_for_bit_as_alone(cached):
     assert vals[best] == max(vals.values())
     top = _weights(tmp / "sw")
     assert all(torch.equal(top[k], v) for k, v in _weights(tmp / "sw" / best).items())
+    declared = {Path(p).name for p in declared_outputs("train_side")}  # dvc repro with a sweep finds every out
+    assert declared <= {p.name for p in (tmp / "sw").rglob("*") if p.parent in (tmp / "sw", tmp / "sw" / "plots")}
     rows = read_curves(tmp / "sw" / "sweep.csv")
     assert len(rows) == 4 and {"name", "lr", "seed", "best_epoch", "val_accuracy"} <= set(rows[0])
     assert "sweep: 4 configs" in res.output
