@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ def _width(bb: Backbone) -> int:
     return int(getattr(bb.config, "d_model", None) or bb.config.hidden_size)
 
 
-def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print) -> Path:
+def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print, client=None) -> Path:
+    """Write (or resume, or check) the ladder store of one split; `client`: a dask client whose workers run
+    the backbone (pipeline/cache_cluster.py), else this process runs it."""
     enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
     names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list)
     dtype = resolve_dtype(cfg, bb)
@@ -87,7 +90,12 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
             log(f"[{split}] {path} is complete for this config; nothing to do")
             return path
         try:
-            tokens, seconds = _write_states(cfg, bb, split, enc, names, lengths, writer, first, dtype, log)
+            if client is None:
+                tokens, seconds = _write_states(cfg, bb, split, enc, names, lengths, writer, first, dtype, log)
+            else:
+                from pipeline import cache_cluster
+
+                tokens, seconds = cache_cluster.write_states(cfg, client, bb, split, enc, names, writer, dtype, log)
         except ls.NonFiniteStates:
             shutil.rmtree(path, ignore_errors=True)  # these examples give inf/NaN on every rerun: no store
             raise
@@ -98,7 +106,7 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
 
 def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, lengths, writer, first: int, dtype: str,
                   log) -> tuple[int, float]:
-    n, d = len(lengths), _width(bb)
+    n = len(lengths)
     # Forward batches are a function of the example index alone (boundaries at multiples of batch_size
     # from example 0): the CPU forward is not bit-stable across batch shapes (a batch pads to its longest
     # example; 29 of 160 tiny-BERT states changed in their last bits when the batch around them changed),
@@ -112,20 +120,11 @@ def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, length
     bar = tqdm(total=n - start, desc=f"cache {split}", unit="ex", file=sys.stderr, disable=None)
     for b in range(start, n, cfg.batch_size):
         idx = range(b, min(b + cfg.batch_size, n))
-        ids, mask = pad([enc.src_ids[i] for i in idx])
-        states = forward_states(bb, ids, mask, names, cand)
-        lens = lengths[list(idx)]
+        rows = state_rows(bb, [enc.src_ids[i] for i in idx], enc.cand_ids, names, cand)
         for name in names:
-            h = states[name]
-            if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
-                C = len(enc.cand_ids)
-                h = h.view(len(idx), C, h.shape[1], d)
-                rows = torch.cat([h[j, c, : len(enc.cand_ids[c])] for j in range(len(idx)) for c in range(C)])
-            else:
-                rows = torch.cat([h[j, : lens[j]] for j in range(len(idx))])  # ragged: padding dropped here
-            _check_finite(rows, name, idx, split, cfg, dtype)
-            writer.append(name, rows.float())
-        tokens += int(lens.sum())
+            check_finite(rows[name], name, idx, split, cfg, dtype)
+            writer.append(name, rows[name])
+        tokens += int(lengths[list(idx)].sum())
         bar.update(len(idx))
         bar.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
@@ -133,7 +132,26 @@ def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, length
     return tokens, time.perf_counter() - t0
 
 
-def _check_finite(rows: torch.Tensor, name: str, idx: range, split: str, cfg: CacheConfig, dtype: str) -> None:
+def state_rows(bb: Backbone, src_ids: list[np.ndarray], cand_ids: list[np.ndarray], names: list[str],
+               cand: tuple | None) -> dict[str, torch.Tensor]:
+    """One forward batch as store rows (float32): src states ragged, (tokens, d) with the padding dropped;
+    T5 tgt states K rows per example, (B*K, d), every candidate's tokens in candidate order."""
+    ids, mask = pad(src_ids)
+    states = forward_states(bb, ids, mask, names, cand)
+    B, out = len(src_ids), {}
+    for name in names:
+        h = states[name]
+        if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
+            C = len(cand_ids)
+            h = h.view(B, C, h.shape[1], h.shape[-1])
+            rows = torch.cat([h[j, c, : len(cand_ids[c])] for j in range(B) for c in range(C)])
+        else:
+            rows = torch.cat([h[j, : len(src_ids[j])] for j in range(B)])  # ragged: padding dropped here
+        out[name] = rows.float()
+    return out
+
+
+def check_finite(rows: torch.Tensor, name: str, idx: range, split: str, cfg: CacheConfig, dtype: str) -> None:
     """inf/NaN from the backbone, or values fp16 cannot hold, stop stage one before they reach the store."""
     if not torch.isfinite(rows).all():
         what, fix = "inf/NaN", "check the checkpoint, or run it in fp32 (--device cpu)"
@@ -155,13 +173,23 @@ def run(cfg: CacheConfig, log=print) -> list[Path]:
     missing = [s for s in cfg.splits if s not in data]
     if missing:
         raise StoreError(f"splits: {missing} not in task {task.name} (has {', '.join(data)})")
-    bb = load_backbone(cfg.backbone, cfg.device)
     out, paths = Path(cfg.out), []
     made_out = not out.exists()
     try:
-        for split in cfg.splits:
-            examples = data[split][: cfg.limit] if cfg.limit else data[split]
-            paths.append(cache_split(cfg, bb, task, split, examples, log))
+        with ExitStack() as stack:
+            if cfg.scheduler:  # the workers load the backbone; this process plans, records and seals
+                from pipeline import cache_cluster
+
+                client = stack.enter_context(cache_cluster.connect(cfg, log))
+                bb = cache_cluster.describe_backbone(cfg, client, log)
+            else:
+                client, bb = None, load_backbone(cfg.backbone, cfg.device)
+                if cfg.threads:
+                    stack.callback(torch.set_num_threads, torch.get_num_threads())
+                    torch.set_num_threads(cfg.threads)
+            for split in cfg.splits:
+                examples = data[split][: cfg.limit] if cfg.limit else data[split]
+                paths.append(cache_split(cfg, bb, task, split, examples, log, client))
     except LadderCacheError:
         if made_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty --out behind

@@ -131,3 +131,16 @@ def crash_point(env: str, count: int) -> None:
     """Test hook: SIGKILL this process (as `kill -9` would) when the variable `env` equals `count`."""
     if os.environ.get(env) == str(count):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_once(env: str) -> None:
+    """Test hook: SIGKILL this process if the variable `env` names a file that does not exist yet, creating it
+    first, so that exactly one process of many (a cluster's workers, a worker restarted after the kill) dies."""
+    marker = os.environ.get(env)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
