@@ -154,7 +154,8 @@ class PruneConfig:
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
     task: str = _f("rt-sentiment", "Task whose training examples estimate the Fisher information.")
-    r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.")
+    r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.",
+                aliases=("--reduction-factor",))
     layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all' (T5: the side encoder's).")
     decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
     init: str = _f("fisher", "fisher|magnitude|random.")
@@ -196,7 +197,7 @@ class TrainConfig:
     cache: str = _f("data/cache", "Folder with <split>.zarr stores from stage one.")
     out: str = _f("runs/side", "Output folder: side.safetensors, side_config.json, metrics.json, plots.")
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Backbone (frozen tensors the side net reuses; --feed backbone).")
-    r: int = _f(8, "Reduction factor r.")
+    r: int = _f(8, "Reduction factor r.", aliases=("--reduction-factor",))  # torchrun's parser takes --r
     init: str = _f("magnitude", "fisher|magnitude|random. fisher needs --side-init from prune_init.")
     side_init: str = _f("", "side_init.safetensors from the prune_init stage ('' = build here).")
     layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all'; must be stored in the cache "
@@ -401,7 +402,9 @@ def click_options(cls):
                 fn = click.option(flag, f.name, multiple=True, default=None, help=help_)(fn)
             else:
                 typ = {"int": int, "float": float}.get(f.type, str)
-                fn = click.option(flag, f.name, type=typ, default=None, help=help_)(fn)
+                # aliases: torchrun's argument parser reads `--r` as an abbreviation of its own --rdzv-*
+                # options and stops (python 3.11 argparse, allow_abbrev), so --r also goes by --reduction-factor
+                fn = click.option(flag, *f.metadata.get("aliases", ()), f.name, type=typ, default=None, help=help_)(fn)
         return fn
 
     return deco

@@ -138,3 +138,157 @@ def test_the_client_killed_then_resumed_gives_the_same_store(tiny_t5, rt_dir, re
     res = stage_one(tiny_t5, rt_dir, tmp_path / "copy", "--resume")  # from the record's leading run of shards
     assert res.exit_code == 0, res.output
     assert differing_files(reference["t5"], tmp_path / "copy") == []
+
+
+# ---------------------------------------------------------------- stage two: DDP under torchrun
+
+NO_DROPOUT = ["--dropout", "0", "--attn-dropout", "0", "--ff-dropout", "0", "--emb-dropout", "0", "--final-dropout", "0"]
+
+
+@pytest.fixture
+def one_thread():
+    """torch in this process on one thread, as torchrun starts each rank (OMP_NUM_THREADS=1): the same CPU
+    kernels as the ranks (the last bits of a matmul can depend on the thread count), and no two-thread
+    spinning on a busy 2-core machine (tiny T5 steps took 10x longer)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_stores(tiny_bert, tiny_t5, tmp_path_factory):
+    from tests.conftest import write_task
+    from stages.cache_activations import main
+
+    folder = tmp_path_factory.mktemp("ddp")
+    task = write_task(folder / "toy")
+    stores = {}
+    for family, bb in (("bert", tiny_bert), ("t5", tiny_t5)):
+        out = folder / f"cache_{family}"
+        res = CliRunner().invoke(main, ["--params", "none", "--backbone", bb, "--task", task, "--out", str(out),
+                                        "--dtype", "fp32", "--device", "cpu"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        stores[family] = (bb, task, out)
+    return stores
+
+
+@pytest.mark.parametrize("family,layout", [("bert", "padded"), ("bert", "packed"), ("t5", "padded"),
+                                           ("t5", "token_budget")])
+def test_the_ranks_weighted_gradients_average_to_the_one_process_gradient(family, layout, toy_stores, one_thread):
+    """What DDP computes, without processes: each rank's part of a global batch (rank_part, placeholders
+    included), its loss weighted by its share of the batch's terms (examples; T5: target tokens), gradients
+    averaged over W ranks: the gradient of the global batch's mean loss, to float tolerance."""
+    import torch
+
+    from pipeline import ddp
+    from pipeline.batches import reader
+    from pipeline.config import TrainConfig
+    from pipeline.train_side import setup
+
+    bb, task, cache = toy_stores[family]
+    cfg = TrainConfig(backbone=bb, task=task, cache=str(cache), r=4, init="random", device="cpu", dropout=0,
+                      attn_dropout=0, ff_dropout=0, emb_dropout=0, final_dropout=0, pack=layout == "packed")
+    s = setup(cfg, log=lambda *a: None)
+    params = [p for p in s.net.parameters() if p.requires_grad]
+    # 43 examples in batches of 7: the last global batch has one example, so ranks 1.. run placeholders
+    kw = dict(shuffle=True, seed=3, limit=43, pack_len=s.train.longest if layout == "packed" else 0,
+              batch_tokens=120 if layout == "token_budget" else 0)
+
+    def grads(batch, weight=None):
+        out = s.net(batch)
+        loss = out.loss if weight is None else weight(out)
+        return torch.autograd.grad(loss, params, allow_unused=True), out
+
+    checked, placeholders = 0, 0
+    for world in (2, 3):
+        whole = list(reader(s.train).batches(s.names, 7, **kw))
+        parts = [list(reader(s.train).batches(s.names, 7, part=(r, world), **kw)) for r in range(world)]
+        assert all(len(p) == len(whole) for p in parts)  # one step per global batch on every rank
+        for step in sorted({0, 1, len(whole) - 1}):  # the last batch is the smallest
+            want, _ = grads(whole[step])
+            rank_batches = [p[step] for p in parts]
+            placeholders += sum(b.placeholder for b in rank_batches)
+            outs = [s.net(b) for b in rank_batches]
+            terms = [0 if b.placeholder else o.terms for b, o in zip(rank_batches, outs)]
+            all_terms = sum(float(t) for t in terms)
+            got = None
+            for b, t in zip(rank_batches, terms):
+                g, _ = grads(b, lambda out: ddp.rank_loss(out.loss, t, all_terms, world)[0])
+                got = g if got is None else [x + y for x, y in zip(got, g)]
+            for w, g in zip(want, got):
+                # float32 sums over T5's 30k-token vocabulary round differently once the loss is scaled by W:
+                # 2e-6 on entries of 0.26 (measured), so the tolerance follows each tensor's largest entry, with a
+                # floor for gradients that are rounding noise around 0 (1e-10: a bias feeding a norm)
+                atol = max(1e-5 * float(w.abs().max()), 1e-7)
+                assert torch.allclose(w, g / world, atol=atol, rtol=1e-4), (world, step, (w - g / world).abs().max())
+            checked += 1
+    assert checked == 6 and (placeholders > 0 or layout == "token_budget")
+
+
+def torchrun(*args, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "stages.train_side", "--params", "none", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **(env or {})), capture_output=True, text=True)
+
+
+def curves(run: Path) -> list[dict]:
+    import csv
+
+    with open(run / "plots" / "curves.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_torchrun_2_ranks_killed_and_resumed_follow_the_one_process_curve(toy_stores, tmp_path, one_thread):
+    """gloo, 2 ranks, the same global batch of 16 (33 examples: the last batch has one, so one rank runs a
+    placeholder); killed (kill -9, both ranks) after epoch 1, then rerun with --resume: the curve and the
+    saved side net are the one process's to float tolerance."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stages.train_side import main
+
+    bb, task, cache = toy_stores["bert"]
+    args = ["--backbone", bb, "--task", task, "--cache", str(cache), "--reduction-factor", "4", "--epochs", "3",
+            "--batch-size", "16", "--limit", "33", "--warmup-steps", "2", "--device", "cpu", "--init", "magnitude",
+            *NO_DROPOUT]
+    one = CliRunner().invoke(main, ["--params", "none", *args, "--out", str(tmp_path / "one")], catch_exceptions=False)
+    assert one.exit_code == 0, one.output
+    died = torchrun(*args, "--out", str(tmp_path / "two"), env={"LADDER_CACHE_KILL_AFTER_EPOCH": "1"})
+    assert died.returncode != 0 and not (tmp_path / "two" / "metrics.json").exists(), died.stderr[-2000:]
+    again = torchrun(*args, "--out", str(tmp_path / "two"), "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("resuming after epoch 1") == 1  # rank 0 speaks for both
+    a, b = curves(tmp_path / "one"), curves(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-5, abs=1e-6)
+        assert x["val_accuracy"] == y["val_accuracy"]
+    wa, wb = load_file(str(tmp_path / "one" / "side.safetensors")), load_file(str(tmp_path / "two" / "side.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["ranks"] == 2
+
+
+def test_a_sweep_under_torchrun_deals_its_configs_to_the_ranks(toy_stores, tmp_path, one_thread):
+    """3 configs over 2 ranks (rank 1 trains lr0.01): each config ends bit for bit where it ends alone, and
+    rank 0 writes the table of all three."""
+    import torch
+    from safetensors.torch import load_file
+
+    from stages.train_side import main
+
+    bb, task, cache = toy_stores["bert"]
+    (tmp_path / "sweep.yaml").write_text("lr: [0.003, 0.01, 0.03]\n")
+    args = ["--backbone", bb, "--task", task, "--cache", str(cache), "--reduction-factor", "4", "--epochs", "2",
+            "--batch-size", "16", "--warmup-steps", "2", "--device", "cpu", "--init", "magnitude"]
+    res = torchrun(*args, "--out", str(tmp_path / "sw"), "--sweep", str(tmp_path / "sweep.yaml"), "--sweep-exact")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [c["name"] for c in summary["configs"]] == ["lr0.003", "lr0.01", "lr0.03"]
+    alone = CliRunner().invoke(main, ["--params", "none", *args, "--lr", "0.01", "--out", str(tmp_path / "alone")],
+                               catch_exceptions=False)
+    assert alone.exit_code == 0, alone.output
+    a, b = load_file(str(tmp_path / "sw" / "lr0.01" / "side.safetensors")), load_file(str(tmp_path / "alone" / "side.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
