@@ -1,6 +1,7 @@
 """Run a benchmark suite, then refresh bench/results/summary.json, tables.md and the README's results block.
 
-    python -m bench --suite cpu       # store codecs, every method's CPU memory/time, end-to-end sweep (2 cores: ~30 min)
+    python -m bench --suite cpu       # store codecs, every method's CPU memory/time, end-to-end sweep, dask workers
+                                      # and torchrun ranks (2 cores: ~40 min)
     python -m bench --suite gpu       # T5 base/large/3b memory and step time (needs CUDA), sweep on the GPU
     python -m bench --suite accuracy  # real MiniLM, full offline tasks, 3 seeds (hours on 2 cores; ~8 min per task on an H100)
 """
@@ -9,7 +10,8 @@ import subprocess
 import sys
 
 SUITES = {
-    "cpu": [["bench.store_codecs"], ["bench.cpu_methods"], ["bench.sweep", "--device", "cpu", "--out", "bench/results/sweep_cpu.json"]],
+    "cpu": [["bench.store_codecs"], ["bench.cpu_methods"], ["bench.sweep", "--device", "cpu", "--out", "bench/results/sweep_cpu.json"],
+            ["bench.distributed"]],
     "gpu": [["bench.gpu_t5"], ["bench.sweep", "--examples", "0", "--epochs", "5", "--device", "cuda",
                                "--out", "bench/results/sweep_gpu.json"]],
     "accuracy": [["bench.accuracy", "--tasks", "rt-sentiment,hedge-conll2010"]],
