@@ -301,7 +301,7 @@ def connect(cfg: CacheConfig, log=print):
     except ImportError:
         raise ConfigError("scheduler: needs dask.distributed; pip install 'distributed>=2024.8'") from None
     n = scheduler_workers(cfg.scheduler)
-    cluster = None
+    cluster, environ = None, dict(os.environ)
     if n is not None:
         if n == 0:
             n = torch.cuda.device_count() or 1
@@ -335,6 +335,11 @@ def connect(cfg: CacheConfig, log=print):
     finally:
         if cluster is not None:
             cluster.close()
+            # a LocalCluster's nannies run in this process and apply distributed.nanny.pre-spawn-environ
+            # (OMP/MKL/OPENBLAS_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_) to its os.environ before spawning each
+            # worker, for good (distributed 2026.8.0, nanny.py:726): later subprocesses would inherit 1 thread
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 def for_workers(cfg: CacheConfig) -> CacheConfig:

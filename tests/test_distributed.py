@@ -61,9 +61,12 @@ def reference(tiny_t5, tiny_bert, rt_dir, tmp_path_factory):
 def cluster():
     """The LocalCluster `--scheduler local:2` starts (two worker processes, one torch thread each), shared by
     the tests below through its address: each worker process costs a torch import and a backbone load."""
-    logs = []
+    logs, environ = [], dict(os.environ)
     with connect(CacheConfig(scheduler="local:2", threads=1), logs.append) as client:
         yield client.scheduler.address, client, logs
+    # distributed's nannies set OMP_NUM_THREADS=1 (and more) in this process's environment; connect() puts
+    # it back, else every later subprocess (other tests' CLI runs) would run torch on one thread
+    assert dict(os.environ) == environ
 
 
 def test_ranges_write_every_shard_once_and_start_on_forward_batch_boundaries():
