@@ -62,7 +62,7 @@ def cpu_ratios(cpu) -> dict:
 
 def main():
     gpu, store, cpu = load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json")
-    acc = load("accuracy.json")
+    acc, dist = load("accuracy.json"), load("distributed_cpu.json")
     sweeps = {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
     notes = []
     s = {"device": gpu["device"] if gpu else None, "cpu_device": cpu["device"] if cpu else None}
@@ -104,6 +104,11 @@ def main():
                      "MiniLM r=8; cache vs in-loop is paired by seed. See accuracy.json for every run.")
     else:
         notes.append("accuracy deltas: bench/results/accuracy.json not present.")
+    if dist:
+        s["distributed_cpu"] = {"stage_one_speedup_vs_in_process": dist["stage_one_speedup_vs_in_process"],
+                                "stage_two_speedup_vs_1_process": dist["stage_two_speedup_vs_1_process"]}
+        notes.append("distributed_cpu: tokens/s ratios within one run of bench/distributed.py on a shared 2-core "
+                     "machine (medians of interleaved repeats).")
     s["notes"] = notes
     (RES / "summary.json").write_text(json.dumps(s, indent=2))
     blocks = readme_blocks()
@@ -116,7 +121,8 @@ def main():
 def readme_blocks() -> dict[str, str]:
     """The README's generated blocks, each a pure function of the committed result files."""
     acc, sweeps = load("accuracy.json"), {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
-    return {"results": tables(load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json"), acc, sweeps),
+    return {"results": tables(load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json"), acc, sweeps,
+                              load("distributed_cpu.json")),
             "demo": demo_block(load("demo.json"))}
 
 
@@ -201,7 +207,23 @@ def accuracy_table(acc) -> list[str]:
     return out + [""]
 
 
-def tables(gpu, store, cpu, acc, sweeps) -> str:
+def distributed_table(d) -> list[str]:
+    out = [f"Past one process ({d['device']}, {d['cpu_count']} cores, shared with other jobs: ratios within this run "
+           f"only; real MiniLM, {d['config']['examples']} rt-snippets, medians of {d['config']['repeats']} interleaved "
+           f"repeats; `{d['command']}`):", "",
+           "| stage | how | tokens/s | x vs one process | wall (s, start-up included) | store identical |",
+           "|---|---|---:|---:|---:|---|"]
+    for k, r in d["stage_one"].items():
+        out.append(f"| one | {k.replace('_', ' ')} | {r['median_tokens_per_s']:,.0f} | "
+                   f"{d['stage_one_speedup_vs_in_process'][k]:.2f} | {r['median_wall_s']:.0f} | "
+                   f"{'yes' if r['store_identical_to_in_process'] else 'no'} |")
+    for k, r in d["stage_two"].items():
+        out.append(f"| two | {k.replace('_', ' ')} | {r['median_tokens_per_s']:,.0f} | "
+                   f"{d['stage_two_speedup_vs_1_process'][k]:.2f} | {r['median_wall_s']:.0f} | |")
+    return out + [""]
+
+
+def tables(gpu, store, cpu, acc, sweeps, dist=None) -> str:
     out = []
     if acc and acc["tasks"]:
         out += accuracy_table(acc)
@@ -252,6 +274,8 @@ def tables(gpu, store, cpu, acc, sweeps) -> str:
                        f"{max(r['peak_memory_mb'] for r in c):,.0f} / {max(r['peak_memory_mb'] for r in i):,.0f} "
                        f"({c[0]['peak_memory_kind']}) |")
         out.append("")
+    if dist:
+        out += distributed_table(dist)
     if store:
         out += [f"Store size per codec (CPU, real MiniLM over {store['config']['examples']} rt-snippets, {store['tokens']} "
                 f"tokens; `{store['command']}`): forward alone {store['forward_only_tokens_per_s']:.0f} tokens/s", "",

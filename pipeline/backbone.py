@@ -132,8 +132,11 @@ def family_of_config(cfg) -> str:
 
 @dataclass
 class Backbone:
+    """A loaded frozen backbone; `model` is None where only its description is needed (the client of a
+    distributed stage one plans and fingerprints the store; its workers hold the weights)."""
+
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     tokenizer: object
     family: str
     device: torch.device
@@ -141,10 +144,11 @@ class Backbone:
     sha256: str
     n_layers: int = 0
     _hooks: list = field(default_factory=list)
+    hf_config: object = None  # the model's config when `model` is None
 
     @property
     def config(self):
-        return self.model.config
+        return self.model.config if self.model is not None else self.hf_config
 
     def blocks(self, stack: str):
         m = self.model
@@ -166,14 +170,18 @@ class Backbone:
         return f"{type(tok).__name__}:{getattr(tok, 'vocab_size', 0)}:{getattr(tok, 'name_or_path', '')}".rsplit("/", 1)[-1]
 
 
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(name))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise BackboneError(f"backbone: cannot load the tokenizer of {name!r} ({resolve(name)}): {e}") from None
+
+
 def load_backbone(name: str, device: str = "auto", for_grad: bool = False) -> Backbone:
     """Frozen backbone in eval mode: bf16 on CUDA, fp32 on CPU."""
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        T5ForConditionalGeneration,
-    )
+    from transformers import AutoModel, AutoModelForCausalLM, T5ForConditionalGeneration
 
     quiet_transformers()
 
@@ -187,9 +195,9 @@ def load_backbone(name: str, device: str = "auto", for_grad: bool = False) -> Ba
     try:
         cls = {"t5": T5ForConditionalGeneration, "encoder": AutoModel, "decoder": AutoModelForCausalLM}[family]
         model = cls.from_pretrained(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
         raise BackboneError(f"backbone: cannot load {name!r} ({path}): {e}") from None
+    tok = load_tokenizer(name)
     model.eval().to(dev)
     for p in model.parameters():
         p.requires_grad_(for_grad)

@@ -63,6 +63,9 @@ class LadderBatch:
     n_candidates: int = 0
     seg: torch.Tensor | None = None  # packed layout: (R, P) example of each slot (-1 empty); None = padded
     pos: torch.Tensor | None = None  # packed layout: (R, P) position of each slot in its example
+    # DDP (pipeline/ddp.py): this rank's part of the global batch is empty; the batch holds one example of it
+    # only so that the rank joins the step's gradient all-reduce, and its loss counts zero times
+    placeholder: bool = False
 
     def to(self, device, dtype=None):
         # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
@@ -83,6 +86,8 @@ class LadderBatch:
 
     @property
     def n_tokens(self) -> int:
+        if self.placeholder:
+            return 0
         n = int(self.src_mask.sum())
         return n + (int(self.tgt_mask.sum()) if self.tgt_mask is not None else 0)
 
@@ -238,6 +243,20 @@ def gold_targets(store, labels: np.ndarray) -> np.ndarray:
     return np.array([store.fingerprint_target(y) for y in labels], np.int64)
 
 
+def rank_part(idx: np.ndarray, lengths: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, bool]:
+    """Rank `rank`'s examples of the global batch idx: longest first, each to the rank with the fewest tokens
+    so far (ties: the lower rank), so the ranks' steps take about the same time; within a part, the global
+    batch's order. Every rank computes every part the same way. (examples, placeholder): a rank left without
+    an example gets the batch's first, to be counted zero times."""
+    idx = np.asarray(idx)
+    load, owner = np.zeros(world, np.int64), np.empty(len(idx), np.int64)
+    for i in np.argsort(-lengths[idx], kind="stable"):
+        owner[i] = int(np.argmin(load))
+        load[owner[i]] += lengths[idx[i]]
+    mine = idx[owner == rank]
+    return (mine, False) if len(mine) else (idx[:1], True)
+
+
 def token_budget_batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     """Consecutive examples of `order` in batches of at most batch_tokens tokens (at least one example)."""
     out, cur, n = [], [], 0
@@ -314,39 +333,49 @@ class Reader:
 
     def batches(self, names: list[str], batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 limit: int = 0, all_candidates: bool = False, ram_budget_mb: int = 4096, prefetch: bool = True,
-                device="cpu", device_budget_mb: int = 0, pack_len: int = 0, batch_tokens: int = 0):
+                device="cpu", device_budget_mb: int = 0, pack_len: int = 0, batch_tokens: int = 0,
+                part: tuple[int, int] | None = None):
         """LadderBatches (on `device`) of whole examples, padded (pack_len 0) or packed into rows of pack_len
         slots. A batch is batch_size examples, or with batch_tokens > 0 as many consecutive examples as fit
-        that many tokens."""
+        that many tokens. part=(rank, world): this rank's part of each of those batches (DDP, rank_part)."""
         n = self.n(limit)
         dev = torch.device(device)
+        lengths = np.diff(self.store.offsets)
+
+        def parts(plan):
+            for g, idx in plan:
+                yield (g, *(rank_part(idx, lengths, *part) if part else (idx, False)))
+
         if dev.type == "cuda" and device_budget_mb > 0 and self.stored_bytes(n, names) <= device_budget_mb * 2**20:
             key = (n, tuple(names), str(dev))
             if self._on_device is None or self._on_device[0] != key:
                 self._on_device = (key, RowSet.of_store(self.store, names, n, dev))
             rows = self._on_device[1]
             plan = self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, n_groups=1, batch_tokens=batch_tokens)
-            return (rows.batch(idx, all_candidates, pack_len) for _, idx in plan)
+            return (dataclasses.replace(rows.batch(idx, all_candidates, pack_len), placeholder=ph)
+                    for _, idx, ph in parts(plan))
         meta = store_meta(self.store)
 
-        def assemble(data, e0, idx):
-            return RowSet.of_examples(self.store, data, e0, idx, dev, meta).batch(np.arange(len(idx)), all_candidates,
-                                                                                  pack_len)
+        def assemble(data, e0, idx, placeholder):
+            batch = RowSet.of_examples(self.store, data, e0, idx, dev, meta).batch(np.arange(len(idx)),
+                                                                                   all_candidates, pack_len)
+            batch.placeholder = placeholder
+            return batch
 
-        plan = list(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb,
-                                    batch_tokens=batch_tokens))
+        plan = list(parts(self.epoch_plan(n, names, batch_size, shuffle, seed, epoch, ram_budget_mb,
+                                          batch_tokens=batch_tokens)))
         it = self._host_batches(plan, n, names, prefetch, assemble)
         return _background(it, depth=4) if prefetch else it
 
     def _host_batches(self, plan, n, names, prefetch, assemble):
-        groups = list(dict.fromkeys(g for g, _ in plan))  # in visiting order
+        groups = list(dict.fromkeys(g for g, *_ in plan))  # in visiting order
         resident = len(groups) == 1  # the split fits: read and decompress it once, keep it for later epochs
         pool = ThreadPoolExecutor(1) if prefetch and not resident else None
         load = (lambda g: pool.submit(self.store.load_group, g[0], g[1], names)) if pool else None
         try:
             pending = load(groups[0]) if pool else None
             data, current = None, None
-            for g, idx in plan:
+            for g, idx, placeholder in plan:
                 if g != current:
                     if resident:
                         data = self._resident_group(n, names)
@@ -356,7 +385,7 @@ class Reader:
                         if pool and gi + 1 < len(groups):
                             pending = load(groups[gi + 1])
                     current = g
-                yield assemble(data, g[0], idx)
+                yield assemble(data, g[0], idx, placeholder)
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)

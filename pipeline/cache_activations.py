@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,7 @@ from pipeline import ladder_store as ls
 from pipeline.backbone import (
     Backbone,
     check_max_length,
-    checkpoint_files,
     encode,
-    forward_states,
     load_backbone,
     load_config,
     state_names_for,
@@ -23,8 +22,9 @@ from pipeline.config import CacheConfig
 from pipeline.durable import owner_lock
 from pipeline.errors import LadderCacheError, StoreError
 from pipeline.layout import TGT, family_of
-from pipeline.padding import decoder_inputs, pad
+from pipeline.padding import decoder_inputs
 from pipeline.progress import Progress
+from pipeline.state_rows import check_finite, state_rows
 from pipeline.tasks import Task, check_targets, content_hash, get_task
 
 
@@ -65,8 +65,10 @@ def _width(bb: Backbone) -> int:
     return int(getattr(bb.config, "d_model", None) or bb.config.hidden_size)
 
 
-def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print,
+def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples, log=print, client=None,
                 train_hash: str | None = None) -> Path:
+    """Write (or resume, or check) the ladder store of one split; `client`: a dask client whose workers run
+    the backbone (pipeline/cache_cluster.py), else this process runs it."""
     enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
     names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list)
     dtype = resolve_dtype(cfg, bb)
@@ -99,7 +101,12 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
             log(f"[{split}] {path} is complete for this config; nothing to do")
             return path
         try:
-            tokens, seconds = _write_states(cfg, bb, split, enc, names, lengths, writer, first, dtype, log)
+            if client is None:
+                tokens, seconds = _write_states(cfg, bb, split, enc, names, lengths, writer, first, dtype, log)
+            else:
+                from pipeline import cache_cluster
+
+                tokens, seconds = cache_cluster.write_states(cfg, client, bb, split, enc, names, writer, dtype, log)
         except ls.NonFiniteStates:
             shutil.rmtree(path, ignore_errors=True)  # these examples give inf/NaN on every rerun: no store
             raise
@@ -110,7 +117,7 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
 
 def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, lengths, writer, first: int, dtype: str,
                   log) -> tuple[int, float]:
-    n, d = len(lengths), _width(bb)
+    n = len(lengths)
     # Forward batches are a function of the example index alone (boundaries at multiples of batch_size
     # from example 0): the CPU forward is not bit-stable across batch shapes (a batch pads to its longest
     # example; 29 of 160 tiny-BERT states changed in their last bits when the batch around them changed),
@@ -124,37 +131,15 @@ def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, length
     bar = Progress(n - start, f"cache {split}", unit="ex")
     for b in range(start, n, cfg.batch_size):
         idx = range(b, min(b + cfg.batch_size, n))
-        ids, mask = pad([enc.src_ids[i] for i in idx])
-        states = forward_states(bb, ids, mask, names, cand)
-        lens = lengths[list(idx)]
+        rows = state_rows(bb, [enc.src_ids[i] for i in idx], enc.cand_ids, names, cand)
         for name in names:
-            h = states[name]
-            if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
-                C = len(enc.cand_ids)
-                h = h.view(len(idx), C, h.shape[1], d)
-                rows = torch.cat([h[j, c, : len(enc.cand_ids[c])] for j in range(len(idx)) for c in range(C)])
-            else:
-                rows = torch.cat([h[j, : lens[j]] for j in range(len(idx))])  # ragged: padding dropped here
-            _check_finite(rows, name, idx, split, cfg, dtype)
-            writer.append(name, rows.float())
-        tokens += int(lens.sum())
+            check_finite(rows[name], name, idx, split, cfg, dtype)
+            writer.append(name, rows[name])
+        tokens += int(lengths[list(idx)].sum())
         bar.update(len(idx), tokens_per_s=round(tokens / (time.perf_counter() - t0)))
     bar.close()
     writer.finish()
     return tokens, time.perf_counter() - t0
-
-
-def _check_finite(rows: torch.Tensor, name: str, idx: range, split: str, cfg: CacheConfig, dtype: str) -> None:
-    """inf/NaN from the backbone, or values fp16 cannot hold, stop stage one before they reach the store."""
-    if not torch.isfinite(rows).all():
-        what, fix = "inf/NaN", "check the checkpoint, or run it in fp32 (--device cpu)"
-    elif ls.storage_dtype(dtype, cfg.codec) == "float16" and torch.isinf(rows.to(torch.float16)).any():
-        what, fix = "values beyond fp16's range (65504)", "store bf16 or fp32 (--dtype bf16)"
-    else:
-        return
-    files = ", ".join(map(str, checkpoint_files(cfg.backbone))) or cfg.backbone
-    raise ls.NonFiniteStates(f"backbone {cfg.backbone} (weights: {files}) gave {what} in state {name} for examples "
-                             f"{idx.start}..{idx.stop - 1} of split '{split}'; no store was kept: {fix}")
 
 
 def run(cfg: CacheConfig, log=print) -> list[Path]:
@@ -166,14 +151,24 @@ def run(cfg: CacheConfig, log=print) -> list[Path]:
     missing = [s for s in cfg.splits if s not in data]
     if missing:
         raise StoreError(f"splits: {missing} not in task {task.name} (has {', '.join(data)})")
-    bb = load_backbone(cfg.backbone, cfg.device)
     out, paths = Path(cfg.out), []
     made_out = not out.exists()
     train_hash = content_hash(data["train"]) if "train" in data else None
     try:
-        for split in cfg.splits:
-            examples = data[split][: cfg.limit] if cfg.limit else data[split]
-            paths.append(cache_split(cfg, bb, task, split, examples, log, train_hash))
+        with ExitStack() as stack:
+            if cfg.scheduler:  # the workers load the backbone; this process plans, records and seals
+                from pipeline import cache_cluster
+
+                client = stack.enter_context(cache_cluster.connect(cfg, log))
+                bb = cache_cluster.describe_backbone(cfg, client, log)
+            else:
+                client, bb = None, load_backbone(cfg.backbone, cfg.device)
+                if cfg.threads:
+                    stack.callback(torch.set_num_threads, torch.get_num_threads())
+                    torch.set_num_threads(cfg.threads)
+            for split in cfg.splits:
+                examples = data[split][: cfg.limit] if cfg.limit else data[split]
+                paths.append(cache_split(cfg, bb, task, split, examples, log, client, train_hash))
     except LadderCacheError:
         if made_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty --out behind

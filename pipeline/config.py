@@ -79,6 +79,21 @@ def _check_choice(name: str, value, choices):
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
+def scheduler_workers(value: str) -> int | None:
+    """'local:N' -> N, 'local' -> 0 (one per GPU), '' or an address -> None."""
+    if not value or not value.startswith("local"):
+        if value and "://" not in value and ":" not in value:
+            raise ConfigError(f"scheduler: {value!r} is not '', 'local', 'local:N' or a scheduler address such as "
+                              "tcp://host:8786")
+        return None
+    n = value[len("local"):]
+    if n == "":
+        return 0
+    if not (n.startswith(":") and n[1:].isdigit() and int(n[1:]) >= 1):
+        raise ConfigError(f"scheduler: {value!r}: write local:N with N >= 1 workers, e.g. local:2")
+    return int(n[1:])
+
+
 @dataclass
 class CacheConfig:
     """Stage one: run the frozen backbone once and write the ladder store."""
@@ -102,9 +117,20 @@ class CacheConfig:
     seed: int = _f(0, "Seed of the train/validation/test split for tasks without official splits.")
     shard_tokens: int = _f(32768, "Tokens per shard file (also the resume block).")
     chunk_tokens: int = _f(256, "Tokens per inner chunk (the unit of a random read).")
+    scheduler: str = _f("", "Where the backbone runs: '' in this process; 'local:N' N dask.distributed workers on "
+                            "this machine ('local': one per GPU); or a dask scheduler address (tcp://host:8786) "
+                            "whose workers share --out's file system. Same store, bit for bit (see --threads).")
+    threads: int = _f(0, "CPU: torch threads of each process running the backbone (0: torch's default here, this "
+                         "machine's cores shared out among local:N workers). The CPU forward's last bits can depend "
+                         "on it (tiny T5's decoder: 1 vs 2 threads), so fix it to compare stores across schedulers.")
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
+        scheduler_workers(self.scheduler)  # validates
+        if "://" in str(self.out):
+            raise ConfigError(f"out: {self.out} is a URL; a ladder store lives in a local or shared POSIX folder "
+                              "(its record is replaced atomically, its lock file created exclusively), mounted at "
+                              "the same path on every dask worker")
         _check_choice("codec", self.codec, CODECS)
         _check_choice("device", self.device, DEVICES)
         if int(self.max_length) <= 0:
@@ -113,6 +139,8 @@ class CacheConfig:
             raise ConfigError(f"batch_size: must be positive, got {self.batch_size}")
         if int(self.limit) < 0:
             raise ConfigError(f"limit: must be >= 0 (0 = all examples), got {self.limit}")
+        if int(self.threads) < 0:
+            raise ConfigError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
         if self.chunk_tokens <= 0 or self.shard_tokens % self.chunk_tokens:
             raise ConfigError(
                 f"shard_tokens: {self.shard_tokens} must be a positive multiple of chunk_tokens ({self.chunk_tokens})"
@@ -140,7 +168,8 @@ class PruneConfig:
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
     task: str = _f("rt-sentiment", TASK_HELP + " Its training examples estimate the Fisher information.")
-    r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.")
+    r: int = _f(8, "Reduction factor: side hidden sizes are the backbone's divided by r.",
+                aliases=("--reduction-factor",))
     layers: str = _f("all", "Kept side layers (0-based backbone layer indices) or 'all' (T5: the side encoder's).")
     decoder_layers: str = _f("same", "T5 side decoder layers: 'same' (as --layers), 'all' or a list.")
     init: str = _f("fisher", "fisher|magnitude|random.")
@@ -182,7 +211,7 @@ class TrainConfig:
     cache: str = _f("data/cache", "Folder with <split>.zarr stores from stage one.")
     out: str = _f("runs/side", "Output folder: side.safetensors, side_config.json, metrics.json, plots.")
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Backbone (frozen tensors the side net reuses; --feed backbone).")
-    r: int = _f(8, "Reduction factor r.")
+    r: int = _f(8, "Reduction factor r.", aliases=("--reduction-factor",))  # torchrun's parser takes --r
     init: str = _f("fisher", "fisher|magnitude|random (paper Fig. 7: Fisher is best). fisher needs --side-init from "
                              "prune_init; magnitude and random can also be built here (--side-init '').")
     side_init: str = _f("data/side_init.safetensors", "side_init.safetensors from the prune_init stage ('' = build "
@@ -423,7 +452,9 @@ def click_options(cls, section: str | None = None, params_file: str = "params.ya
                 fn = click.option(flag, f.name, multiple=True, default=None, help=help_)(fn)
             else:
                 typ = {"int": int, "float": float}.get(f.type, str)
-                fn = click.option(flag, f.name, type=typ, default=None, help=help_)(fn)
+                # aliases: torchrun's argument parser reads `--r` as an abbreviation of its own --rdzv-*
+                # options and stops (python 3.11 argparse, allow_abbrev), so --r also goes by --reduction-factor
+                fn = click.option(flag, *f.metadata.get("aliases", ()), f.name, type=typ, default=None, help=help_)(fn)
         return fn
 
     return deco

@@ -141,3 +141,16 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def crash_once(env: str) -> None:
+    """Test hook: SIGKILL this process if the variable `env` names a file that does not exist yet, creating it
+    first, so that exactly one process of many (a cluster's workers, a worker restarted after the kill) dies."""
+    marker = os.environ.get(env)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -247,6 +248,41 @@ def compare_fingerprints(stored: dict, wanted: dict, fields=FINGERPRINT_FIELDS) 
 
 # ---------------------------------------------------------------- writing
 
+def shard_file(arr, name: str, i: int) -> str:
+    """Store-relative path of shard i of the layer array `arr` (named `name`)."""
+    return f"{LAYERS}/{name}/{arr.metadata.encode_chunk_key((i, 0))}"
+
+
+def write_shards(path: Path, name: str, start: int, vals: np.ndarray, scale: np.ndarray | None,
+                 shard: int) -> dict[str, dict | None]:
+    """Write stored rows [start, start + len(vals)) of layer `name` (and its int8 scales): whole shards only,
+    so `start` is a shard boundary and the end is one or the array's end, and each shard file is written
+    once, in one piece (a partial-shard write would read, modify and rewrite the file). The one write path of
+    the in-process writer and of cluster workers, so both give the same bytes. Returns {file: entry} of the
+    shard files, each hashed right after it was written."""
+    lg = zarr.open_group(str(path / LAYERS), mode="r+")
+    files = {}
+    for arr_name, v in [(name, vals)] + ([(name + "_scale", scale)] if scale is not None else []):
+        arr = lg[arr_name]
+        arr[start:start + len(v)] = v
+        for i in range(start // shard, -(-(start + len(v)) // shard)):
+            rel = shard_file(arr, arr_name, i)
+            files[rel] = file_entry(path / rel)
+    return files
+
+
+# zarr's local store writes each file to "<name>.<32 hex>.partial" and renames it into place (zarr 3.1.6,
+# storage/_local.py _atomic_write); a writer killed inside that write leaves the temporary file behind.
+PARTIAL_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def remove_partial_writes(path: Path) -> int:
+    """Delete temporary files left by writers killed mid-write (they are no part of the store)."""
+    stale = [f for f in (path / LAYERS).rglob("*.partial") if PARTIAL_WRITE.search(f.name)]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
 @dataclass
 class ArraySpec:
     name: str  # e.g. "src_03"
@@ -302,6 +338,8 @@ class StoreWriter:
                     self.written = {k: int(v) for k, v in state["shards"].items()}
                     self.files = dict(state["files"])
                     self.complete = bool(state.get("complete"))
+                    if not self.complete:
+                        remove_partial_writes(self.path)  # a writer killed inside a file write
                     check_files_present(self.path, self.files, resuming=not self.complete)  # never build on a damaged store
                     if self.complete:
                         return len(self.offsets) - 1
@@ -396,14 +434,7 @@ class StoreWriter:
         cat = torch.cat(self.buf[name], 0)
         take = buffered if final and start + buffered == end_rows else n_full * self.shard
         vals, scale = encode_rows(cat[:take], self.dtype, self.codec)
-        lg = zarr.open_group(str(self.path / LAYERS), mode="r+")
-        written = [(name, vals)] + ([(name + "_scale", scale)] if scale is not None else [])
-        for arr_name, v in written:
-            arr = lg[arr_name]
-            arr[start:start + take] = v
-            for i in range(start // self.shard, -(-(start + take) // self.shard)):  # each shard file written once
-                rel = f"{LAYERS}/{arr_name}/{arr.metadata.encode_chunk_key((i, 0))}"
-                self.files[rel] = file_entry(self.path / rel)
+        self.files.update(write_shards(self.path, name, start, vals, scale, self.shard))
         self.shard_writes += 1
         crash_point(KILL_ENV, self.shard_writes)  # between the data write and its record: the worst place to die
         self.written[name] = (start + take + self.shard - 1) // self.shard
@@ -411,6 +442,39 @@ class StoreWriter:
         self.buf[name] = [rest] if rest.shape[0] else []
         self.buf_start[name] = start + take
         write_record(self.path, self.fp, self.written, self.files, False)
+
+    # -- shards written elsewhere (cluster workers, pipeline/cache_cluster.py)
+    def n_shards(self, name: str) -> int:
+        return -(-self.arrays[name].rows // self.shard)
+
+    def recorded_shards(self, name: str) -> set[int]:
+        """Shards of layer `name` that the record lists (with their int8 scales), whoever wrote them."""
+        lg = zarr.open_group(str(self.path / LAYERS), mode="r")
+        parts = [name] + ([name + "_scale"] if self.codec == "int8" else [])
+        arrs = {p: lg[p] for p in parts}
+        return {i for i in range(self.n_shards(name)) if all(shard_file(arrs[p], p, i) in self.files for p in parts)}
+
+    def record_written(self, files: dict[str, dict | None]) -> None:
+        """Add shard files written by other processes to the record (atomically, as after every in-process
+        shard). `shards` keeps its in-process meaning, the leading run of written shards of each array, where
+        an in-process resume starts; shards recorded past it are in `files` and are rewritten identically."""
+        self.files.update(files)
+        for name in self.arrays:
+            done, k = self.recorded_shards(name), 0
+            while k in done:
+                k += 1
+            self.written[name] = k
+        write_record(self.path, self.fp, self.written, self.files, False)
+
+    def seal(self) -> None:
+        """Mark the store complete once every shard of every array is recorded (the cluster path's finish)."""
+        for name in self.arrays:
+            missing = sorted(set(range(self.n_shards(name))) - self.recorded_shards(name))
+            if missing:
+                raise StoreError(f"{self.path}: array {name} lacks shards {missing[:8]}; rerun with --resume")
+        remove_partial_writes(self.path)
+        write_record(self.path, self.fp, self.written, self.files, True)
+        self.complete = True
 
     def finish(self):
         for name in self.arrays:

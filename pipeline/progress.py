@@ -20,12 +20,13 @@ def quiet_transformers() -> None:
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "it", every_s: float = 30.0, stream=None):
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+    def __init__(self, total: int, desc: str, unit: str = "it", every_s: float = 30.0, stream=None,
+                 enabled: bool = True):
+        self.total, self.desc, self.unit, self.every_s, self.enabled = total, desc, unit, every_s, enabled
         self.stream = stream or sys.stderr
         self.n, self.t0, self.last, self.post = 0, time.perf_counter(), time.perf_counter(), {}
         self.bar = None
-        if self.stream.isatty():
+        if enabled and self.stream.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream)
@@ -39,7 +40,7 @@ class Progress:
                 self.bar.set_postfix(**{key: _fmt(v) for key, v in self.post.items()})
             return
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if self.enabled and now - self.last >= self.every_s:
             self.last = now
             self._line()
 
@@ -54,7 +55,7 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.enabled:
             self._line(final=True)
 
 

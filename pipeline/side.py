@@ -383,6 +383,7 @@ def relative_buckets(rel, bidirectional: bool, num_buckets: int, max_distance: i
 class SideOutput:
     loss: torch.Tensor | None
     scores: torch.Tensor | None  # (B, C) class logits / candidate log-likelihoods, or (B, 1) regression
+    terms: torch.Tensor | int = 0  # how many terms `loss` is the mean of: examples, or T5 target tokens
 
 
 class SideNetwork(nn.Module):
@@ -520,7 +521,7 @@ class SideNetwork(nn.Module):
             else:
                 pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)  # mean pooling, as sentence-transformers MiniLM
             scores = self.head(pooled)  # (B, C) or (B, 1)
-            return SideOutput(self._head_loss(scores, batch.labels), scores)
+            return SideOutput(self._head_loss(scores, batch.labels), scores, n_ex)
 
         if s.family == "decoder":
             flat = x.reshape(-1, x.shape[-1])
@@ -531,7 +532,7 @@ class SideNetwork(nn.Module):
                 h = self._late(h, h_last.reshape(-1, h_last.shape[-1])[last])
             verb = torch.tensor(s.verbalizer_ids, device=h.device)
             logits = self._lm_logits(h)[:, verb]  # (B, C): classification by verbalizer tokens
-            return SideOutput(self._head_loss(logits, batch.labels), logits)
+            return SideOutput(self._head_loss(logits, batch.labels), logits, n_ex)
 
         # T5: side decoder over each target row, cross-attending to its source example's side encoder output
         rows = batch.tgt_row  # (N,) which example each target row belongs to
@@ -550,10 +551,11 @@ class SideNetwork(nn.Module):
             h = self._late(h, self._last_state(batch.states, TGT))
         logits = self._lm_logits(h).float()  # (N, U, V)
         tok_nll = F.cross_entropy(logits.transpose(1, 2), batch.tgt_labels, ignore_index=-100, reduction="none")  # (N, U)
-        loss = tok_nll.sum() / (batch.tgt_labels != -100).sum().clamp(min=1)
+        terms = (batch.tgt_labels != -100).sum()
+        loss = tok_nll.sum() / terms.clamp(min=1)
         seq_ll = -tok_nll.sum(1)  # (N,) log p(candidate | source)
         scores = seq_ll.view(-1, batch.n_candidates) if batch.n_candidates else None
-        return SideOutput(loss, scores)
+        return SideOutput(loss, scores, terms)
 
     def _head_loss(self, scores, labels):
         if labels is None:

@@ -111,10 +111,8 @@ class SideSpec:
     def state_names(self, stack: str) -> list[str]:
         """Backbone states this side net reads from the store, in ladder order (only what it uses)."""
         first = [state_name(stack, EMB)] if self.family == "encoder" else []
-        if self.variant == "no_ladder":
-            return first
         final = [state_name(stack, self.n_layers - 1)] if self.mixes_final and stack == self.late_stack else []
-        if self.variant == "late_fusion":
+        if not self.uses_ladders:  # no_ladder, late_fusion: the embeddings, and the final state if mixed in
             return first + final
         ladders = [state_name(stack, k) for k in self.layers_of(stack)]
         return first + ladders + [n for n in final if n not in ladders]

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import backbone as bbm
-from pipeline import prune
+from pipeline import ddp, prune
 from pipeline.batches import LadderBatch, reader
 from pipeline.config import TrainConfig, read_yaml, to_dict
 from pipeline.device import pick_device
@@ -170,13 +170,16 @@ def data_seed(cfg: TrainConfig) -> int:
 
 class Run:
     """One side network's training state: optimizer, schedule, curves, best epoch, its own RNG stream (so
-    configs sharing a process, as in a sweep, each draw exactly the dropout masks they would alone)."""
+    configs sharing a process, as in a sweep, each draw exactly the dropout masks they would alone). Under
+    torchrun (`group` of several ranks) it steps this rank's part of each batch through DDP; rank 0 keeps the
+    curves and writes the run folder."""
 
-    def __init__(self, cfg: TrainConfig, s: Setup, log=print):
-        self.cfg, self.s, self.log = cfg, s, log
+    def __init__(self, cfg: TrainConfig, s: Setup, log=print, group: ddp.Group = ddp.ALONE):
+        self.cfg, self.s, self.log, self.group = cfg, s, log, group
         self.task = get_task(cfg.task)
         self.out = Path(cfg.out)
-        (self.out / "plots").mkdir(parents=True, exist_ok=True)
+        if group.main:
+            (self.out / "plots").mkdir(parents=True, exist_ok=True)
         store = s.train
         self.n = min(store.n, cfg.limit) if cfg.limit else store.n
         self.steps_per_epoch = len(list(reader(store).epoch_plan(self.n, s.names, cfg.batch_size, True, data_seed(cfg), 0,
@@ -189,10 +192,11 @@ class Run:
         self.state = {"curves": [], "epoch": -1, "best": None}  # best: {"epoch": e (1-based), "value": v}
         self.ckpt = self.out / CHECKPOINT
         if cfg.resume and self.ckpt.exists():
-            self.state = load_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched)
+            self.state = load_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched, group)
             log(f"resuming after epoch {self.state['epoch'] + 1} of {cfg.epochs}")
         else:
-            torch.manual_seed(cfg.seed)  # dropout stream of a fresh run
+            torch.manual_seed(ddp.rank_seed(cfg.seed, group))  # dropout stream of a fresh run (rank 0: cfg.seed)
+        self.model = ddp.wrap(s.net, group)  # after the checkpoint: DDP copies rank 0's weights to every rank
         self.rng = _rng_get(s.device)
         self.key = f"val_{self.task.metric}"
         self.tokens, self.train_time = 0, 0.0
@@ -211,24 +215,34 @@ class Run:
         s.net.train()
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
         with amp:
-            loss = s.net(batch).loss
+            out = self.model(batch)
+        # alone: the batch's mean loss; DDP: weighted so that the averaged gradient is the global batch's
+        loss, share = ddp.scaled_loss(out.loss, out.terms, batch.placeholder, self.group)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.rng = _rng_get(dev)
-        self.losses.append(loss.detach())
+        self.losses.append(share.detach())
         self.ep_tokens += batch.n_tokens
         self.ep_time += time.perf_counter() - t0
 
     def end_epoch(self, epoch: int, shared_time: float | None = None):
         """Validation, curves, best-epoch weights and the resume checkpoint after `epoch` (0-based)."""
-        s, cfg = self.s, self.cfg
+        s, cfg, group = self.s, self.cfg, self.group
         dt = shared_time if shared_time is not None else self.ep_time
-        self.tokens, self.train_time = self.tokens + self.ep_tokens, self.train_time + dt
-        row = {"epoch": epoch + 1, "train_loss": float(torch.stack(self.losses).float().mean()),
-               "tokens_per_s": self.ep_tokens / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]}
+        losses, ep_tokens = torch.stack(self.losses).float(), self.ep_tokens
+        rng = ddp.gather(self.rng, group)  # every rank's dropout stream, for the checkpoint
+        if group.world > 1:  # each step's loss is the sum of the ranks' shares; tokens add up too
+            losses, ep_tokens = ddp.total(losses, group).float(), int(ddp.total(ep_tokens, group))
+        if not group.main:
+            self.state["epoch"] = epoch
+            self._epoch_start()
+            return
+        self.tokens, self.train_time = self.tokens + ep_tokens, self.train_time + dt
+        row = {"epoch": epoch + 1, "train_loss": float(losses.mean()),
+               "tokens_per_s": ep_tokens / max(dt, 1e-9), "lr": self.sched.get_last_lr()[0]}
         if s.val is not None:
             row.update({f"val_{k}": v for k, v in evaluate_split(s.net, s.val, s.device, cfg, s.feed).items()})
         st = self.state
@@ -242,7 +256,7 @@ class Run:
         curves_png(self.out / CURVES_PNG, st["curves"], self.task.metric, st["best"]["epoch"])
         st["epoch"] = epoch
         _rng_set(s.device, self.rng)  # the checkpoint stores this run's own stream
-        save_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched, st)
+        save_checkpoint(self.ckpt, cfg, s.net, self.opt, self.sched, st, rng[1:])
         self._epoch_start()
 
     def finish(self) -> dict:
@@ -252,8 +266,8 @@ class Run:
         # measurements only (the config is in side_config.json); val_* are the best epoch's, the saved side net's
         metrics = {"trainable_params": s.net.trainable_parameters(), "peak_memory_mb": peak, "peak_memory_kind": kind,
                    "train_tokens_per_s": (self.tokens / self.train_time) if self.train_time else None,
-                   "train_examples": self.n, "final_train_loss": curves[-1]["train_loss"] if curves else None,
-                   "best_epoch": best["epoch"]}
+                   "ranks": self.group.world, "train_examples": self.n,
+                   "final_train_loss": curves[-1]["train_loss"] if curves else None, "best_epoch": best["epoch"]}
         if s.val is not None:
             metrics.update({k: v for k, v in curves[best["epoch"] - 1].items() if k.startswith("val_")})
             metrics[f"last_epoch_{self.key}"] = curves[-1][self.key]
@@ -274,30 +288,46 @@ def _rng_set(device, state):
 def train(cfg: TrainConfig, log=print) -> dict:
     """Train, evaluating on validation after every epoch. `side.safetensors` holds the epoch with the best
     validation headline metric (the official code's load_best_model_at_end); the last epoch's state goes to
-    the resume checkpoint. Without a validation split the last epoch is kept."""
-    if cfg.sweep:
-        return sweep(cfg, log)
+    the resume checkpoint. Without a validation split the last epoch is kept. Under torchrun: DDP over the
+    ranks (a sweep: its configs spread over them); rank 0 returns the metrics, the others {}."""
+    group = ddp.join(cfg.device)
+    try:
+        if cfg.sweep:
+            return sweep(cfg, log, group)
+        return _train(cfg, log if group.main else _quiet, group)
+    finally:
+        ddp.leave(group)
+
+
+def _quiet(*_):
+    pass
+
+
+def _train(cfg: TrainConfig, log, group: ddp.Group) -> dict:
     s = setup(cfg, log)
-    run = Run(cfg, s, log)
+    run = Run(cfg, s, log, group)
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     read = read_options(cfg, s.train, s.device)
     for epoch in range(run.state["epoch"] + 1, cfg.epochs):
-        bar = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
-        for batch in reader(s.train).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
-                                     seed=data_seed(cfg), epoch=epoch, **read):
+        bar = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", unit="step", enabled=group.main)
+        batches = reader(s.train).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
+                                          seed=data_seed(cfg), epoch=epoch, part=group.part, **read)
+        for step, batch in enumerate(batches, 1):
             if s.feed is not None:
                 batch = s.feed(batch, s.names, train=True)
             run.step(batch.to(s.device))
-            if bar.n % 20 == 19:  # .item() syncs a GPU: only now and then
-                bar.update(1, loss=run.losses[-1].item(), tokens_per_s=round(run.ep_tokens / (time.perf_counter() - run.t0)),
+            if step % 20 == 0:  # .item() syncs a GPU (and, across ranks, adds an all-reduce): only now and then
+                bar.update(1, loss=ddp.total(run.losses[-1], group).item(),
+                           tokens_per_s=round(run.ep_tokens / (time.perf_counter() - run.t0)),
                            peak_mb=round(peak_memory_mb(s.device)[0]))
             else:
                 bar.update(1)
         bar.close()
         run.end_epoch(epoch, shared_time=time.perf_counter() - run.t0)
+        ddp.barrier(group)  # rank 0's checkpoint is on disk before any rank may stop (the kill hook below)
         crash_point(KILL_ENV, epoch + 1)  # test hook: die like kill -9 right after this checkpoint
-    return run.finish()
+    return run.finish() if group.main else {}
 
 
 SWEEP_KEYS = ("lr", "seed", "r", "init", "side_init", "layers", "decoder_layers", "variant", "select_k", "epochs",
@@ -312,7 +342,6 @@ def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
     `configs` entries. Every config reads the same batches: one example order (data_seed), one batch
     formation and layout, the cache feed."""
     import itertools
-
 
     spec = base.sweep
     if isinstance(spec, str):
@@ -356,15 +385,48 @@ def _groups(active: list, exact: bool) -> tuple[list, list]:
     return alone, [StackedRuns(rs) for rs in by_shape.values() if len(rs) > 1]
 
 
-def sweep(base: TrainConfig, log=print) -> dict:
+def sweep(base: TrainConfig, log=print, group: ddp.Group = ddp.ALONE) -> dict:
     """Train every config of a sweep from one read of each batch: the batch is assembled once (on the device
     when the split fits) and each config takes its step on it in turn, with its own RNG stream, so a config
     ends exactly where it would alone (same seed and data_seed). Each config gets its own run folder; the
     sweep writes a table and names the best config on validation, whose artifacts are also copied to --out
-    so evaluate and predict use it directly."""
+    so evaluate and predict use it directly. Under torchrun the configs are dealt out over the ranks (config
+    i to rank i mod W, so each rank stacks its share of every shape); each rank reads every batch, and rank 0
+    writes the table once all are done."""
     import shutil
 
     configs = sweep_configs(base)
+    mine = configs[group.rank::group.world]
+    done = ddp.gather(_sweep_train(base, mine, log) if mine else [], group)
+    if not group.main:
+        return {}
+    order = {name: i for i, (name, _) in enumerate(configs)}
+    finished = sorted((r for part in done for r in part), key=lambda r: order[r[0]["name"]])
+    rows = [row for row, _, _ in finished]
+    key = f"val_{get_task(base.task).metric}"
+    has_val = rows[0].get(key) is not None
+    best = max(rows, key=lambda row: row[key]) if has_val else rows[0]
+    out = Path(base.out)
+    summary = {"best": best["name"], "selected_by": key if has_val else "first config (no validation split)",
+               "configs": rows, "sweep_tokens_per_s": sum(t for _, t, _ in finished) / max(
+                   sum(dt for _, _, dt in finished) / len(finished), 1e-9)}
+    with atomic_path(out / SWEEP_TABLE) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(dict.fromkeys(k for row in rows for k in row)))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    # the best config, where evaluate and predict look (and every file dvc.yaml declares for a single run)
+    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES, CURVES_PNG, CHECKPOINT):
+        with atomic_path(out / f) as tmp:
+            shutil.copyfile(Path(best["out"]) / f, tmp)
+    atomic_json(out / SWEEP_JSON, summary)
+    log(f"sweep: {len(rows)} configs; best on {summary['selected_by']}: {best['name']} ({best.get(key)})")
+    return {**json.loads((out / METRICS).read_text()), "sweep_best": best["name"], "sweep_configs": len(rows),
+            "sweep_tokens_per_s": summary["sweep_tokens_per_s"]}
+
+
+def _sweep_train(base: TrainConfig, configs: list[tuple[str, TrainConfig]], log) -> list[tuple[dict, int, float]]:
+    """Train `configs` on shared batches; (table row, tokens, training seconds) of each."""
     stores = open_stores(base)
     runs = []
     for name, cfg in configs:
@@ -404,39 +466,21 @@ def sweep(base: TrainConfig, log=print) -> dict:
         for r in active:
             r.end_epoch(epoch, shared_time=wall)
         crash_point(KILL_ENV, epoch + 1)
-    rows = []
+    out = []
     for name, r in runs:
         m = r.finish()
-        rows.append({"name": name, "out": str(r.out), **{k: getattr(r.cfg, k) for k in SWEEP_KEYS
-                                                            if getattr(r.cfg, k) != getattr(base, k)},
-                     "best_epoch": m["best_epoch"], r.key: m.get(r.key), "trainable_params": m["trainable_params"],
-                     "train_tokens_per_s_shared": m["train_tokens_per_s"]})
-    key = runs[0][1].key
-    has_val = rows[0].get(key) is not None
-    best = max(rows, key=lambda row: row[key]) if has_val else rows[0]
-    out = Path(base.out)
-    summary = {"best": best["name"], "selected_by": key if has_val else "first config (no validation split)",
-               "configs": rows, "sweep_tokens_per_s": sum(r.tokens for _, r in runs) / max(
-                   sum(r.train_time for _, r in runs) / len(runs), 1e-9)}
-    with atomic_path(out / SWEEP_TABLE) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, list(dict.fromkeys(k for row in rows for k in row)))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    # the best config, where evaluate and predict look (and every file dvc.yaml declares for a single run)
-    for f in (SIDE_WEIGHTS, SIDE_CONFIG, METRICS, CURVES, CURVES_PNG, CHECKPOINT):
-        with atomic_path(out / f) as tmp:
-            shutil.copyfile(Path(best["out"]) / f, tmp)
-    atomic_json(out / SWEEP_JSON, summary)
-    log(f"sweep: {len(rows)} configs; best on {summary['selected_by']}: {best['name']} ({best.get(key)})")
-    return {**json.loads((out / METRICS).read_text()), "sweep_best": best["name"], "sweep_configs": len(rows),
-            "sweep_tokens_per_s": summary["sweep_tokens_per_s"]}
+        row = {"name": name, "out": str(r.out), **{k: getattr(r.cfg, k) for k in SWEEP_KEYS
+                                                   if getattr(r.cfg, k) != getattr(base, k)},
+               "best_epoch": m["best_epoch"], r.key: m.get(r.key), "trainable_params": m["trainable_params"],
+               "train_tokens_per_s_shared": m["train_tokens_per_s"]}
+        out.append((row, r.tokens, r.train_time))
+    return out
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict) -> None:
-    """Everything --resume needs in one safetensors file: tensors (side net, optimizer moments, RNG) and a
-    JSON metadata string (epoch, curves, best epoch, optimizer hyper-parameters, scheduler). No pickle, so a
-    file planted in --out cannot run code when it is read back."""
+def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict, other_ranks_rng: list = ()) -> None:
+    """Everything --resume needs in one safetensors file: tensors (side net, optimizer moments, RNG; under DDP
+    also ranks 1.. as rng/cpu/<rank>) and a JSON metadata string (epoch, curves, best epoch, optimizer
+    hyper-parameters, scheduler). No pickle, so a file planted in --out cannot run code when it is read back."""
     tensors = {f"net/{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
     osd = opt.state_dict()
     for i, st in osd["state"].items():
@@ -445,6 +489,10 @@ def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict) 
     tensors["rng/cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    for rank, (cpu, cuda) in enumerate(other_ranks_rng, 1):
+        tensors[f"rng/cpu/{rank}"] = cpu
+        if cuda is not None:
+            tensors[f"rng/cuda/{rank}"] = cuda
     meta = {"epoch": state["epoch"], "curves": state["curves"], "best": state["best"], "config": _resumable(cfg),
             "param_groups": osd["param_groups"], "sched": {k: v for k, v in sched.state_dict().items()
                                                            if k != "lr_lambdas"}}
@@ -452,7 +500,7 @@ def save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, state: dict) 
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched) -> dict:
+def load_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, group: ddp.Group = ddp.ALONE) -> dict:
     from safetensors import safe_open
 
     try:
@@ -475,9 +523,13 @@ def load_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched) -> dict:
             opt_state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     sched.load_state_dict({**meta["sched"], "lr_lambdas": [None] * len(meta["sched"]["base_lrs"])})
-    torch.set_rng_state(tensors["rng/cpu"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    suffix = f"/{group.rank}" if group.rank else ""
+    if f"rng/cpu{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"rng/cpu{suffix}"])
+    else:  # a rank the saving run did not have (more ranks now): its own stream from here
+        torch.manual_seed(ddp.rank_seed(cfg.seed + meta["epoch"] + 1, group))
+    if f"rng/cuda{suffix}" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng/cuda{suffix}"])
     return {"epoch": meta["epoch"], "curves": meta["curves"], "best": meta["best"]}
 
 

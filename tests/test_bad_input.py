@@ -257,6 +257,12 @@ CASES = {
     "limit -5 (stage one)": lambda p, s: cache_case(p, s, "--limit", "-5", match="limit: must be >= 0"),
     "dtype not a choice": lambda p, s: cache_case(p, s, "--dtype", "fp8", match="dtype: 'fp8' is not one of"),
     "shard not a multiple of chunk": lambda p, s: cache_case(p, s, "--shard-tokens", "100", match="shard_tokens: 100"),
+    "scheduler local:0": lambda p, s: cache_case(p, s, "--scheduler", "local:0", match=r"scheduler: 'local:0': write local:N"),
+    "scheduler neither local nor an address": lambda p, s: cache_case(
+        p, s, "--scheduler", "cluster", match=r"scheduler: 'cluster' is not '', 'local', 'local:N' or a scheduler address"),
+    "threads -1": lambda p, s: cache_case(p, s, "--threads", "-1", match="threads: must be >= 0"),
+    "out is an object-store URL": lambda p, s: cache_case(
+        p, s, "--task", ok_task(p), "--out", "s3://bucket/cache", match=r"out: s3://bucket/cache is a URL"),
     "backbone folder missing": lambda p, s: Case("cache_activations", cpu(
         "--backbone", str(p / "no_model"), "--task", ok_task(p), "--out", str(p / "out")), "cannot load config"),
     "backbone weights damaged": lambda p, s: Case("cache_activations", cpu(

@@ -272,3 +272,19 @@ def test_token_selective_side_net_is_refused_where_it_is_not_built(tiny_llama):
     cfg = bbm.load_config(tiny_llama)
     with pytest.raises(ConfigError, match="select_k"):
         spec_from_config(cfg, 4, None, "ladder", "classification", 2, [5, 6], select_k=4)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_no_ladder_with_the_final_mix_reads_only_the_embeddings_and_the_final_state(family, tiny_bert, tiny_t5,
+                                                                                   toy_task, tmp_path):
+    backbone = tiny_bert if family == "bert" else tiny_t5
+    cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), splits=["train"], device="cpu")
+    store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
+    hf = bbm.load_config(backbone)
+    spec = spec_from_config(hf, 4, None, "no_ladder", "classification", 2, [0, 1], mix_final=True)
+    names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
+    last = f"{spec.late_stack}_{spec.n_layers - 1:02d}"
+    assert names == sorted(["src_emb", last] if family == "bert" else [last])
+    net = build_side(spec, bbm.load_frozen_tensors(backbone, spec.family, True), "random", 0)
+    loss = net(next(iter(reader(store).batches(names, 8, shuffle=False)))).loss
+    assert torch.isfinite(loss)
