@@ -23,6 +23,8 @@ VARIANTS = ("ladder", "fuse_after", "no_ladder", "late_fusion", "adapter", "cros
 VARIANT_HELP = ("ladder (LST) | fuse_after (ablation: ladder fused after its side block) | no_ladder (network "
                 "compression) | late_fusion (Side-Tuning) | adapter | cross_attention (paper ablations).")
 DEVICES = ("auto", "cpu", "cuda")
+PROMPT_FORMATS = ("plain", "chat")  # pipeline/prompting.py (config imports no pipeline module but errors)
+DOWNSAMPLERS = ("linear", "lowrank")
 
 
 def _f(default, help: str, **kw):
@@ -88,8 +90,11 @@ class CacheConfig:
     seed: int = _f(0, "Seed of the train/validation/test split for tasks without official splits.")
     shard_tokens: int = _f(32768, "Tokens per shard file (also the resume block).")
     chunk_tokens: int = _f(256, "Tokens per inner chunk (the unit of a random read).")
+    prompt_format: str = _f("plain", "Decoder-only prompts: plain (the T5-style text, ' <verbalizer>' after it) or "
+                                     "chat (the model's chat template with the task's instruction).")
 
     def __post_init__(self):
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("codec", self.codec, CODECS)
         _check_choice("device", self.device, DEVICES)
@@ -138,8 +143,10 @@ class PruneConfig:
     data_dir: str = _f("data/raw", "Where offline datasets live.")
     device: str = _f("auto", "auto|cpu|cuda.")
     seed: int = _f(0, "Seed (data split and random init).")
+    prompt_format: str = _f("plain", "Decoder-only prompts of the Fisher examples: plain or chat (as the cache's).")
 
     def __post_init__(self):
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _check_choice("init", self.init, INITS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
@@ -192,6 +199,10 @@ class TrainConfig:
     final_dropout: float = _f(0.1, "Dropout after the side stack's final norm (official: 0.1).")
     mix_final: bool = _f(False, "Mix up(side) with the backbone's final state by a learned gate before the head, as "
                                 "QST does (and late fusion, on top of the ladders); reads the last layer's states.")
+    downsampler: str = _f("linear", "Ladder down-projections: linear (LST: d -> d/r with bias) or lowrank (QST: "
+                                    "d -> k -> d/r, SiLU between, no biases, LayerNorm after).")
+    downsampler_rank: int = _f(16, "lowrank downsamplers: the inner width k (QST's peft_hidden_size, 16 in its "
+                                   "scripts).")
     backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
                                        "see its dropout as in the official code (cached states never do).")
     seed: int = _f(0, "Seed of init, shuffling and dropout.")
@@ -223,7 +234,8 @@ class TrainConfig:
         _check_choice("feed", self.feed, FEEDS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
-        for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb"):
+        _check_choice("downsampler", self.downsampler, DOWNSAMPLERS)
+        for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb", "downsampler_rank"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("limit", "warmup_steps", "select_k", "batch_tokens"):

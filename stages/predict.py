@@ -22,10 +22,14 @@ from stages._cli import user_errors
 @click.option("--out", default="-", help="JSONL output file (default stdout).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True, type=int,
+              help="Generation tasks: stop after this many tokens (or at the end token).")
 @user_errors
-def main(input, run, out, batch_size, device):
+def main(input, run, out, batch_size, device, max_new_tokens):
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if input == "-":
         texts = read_inputs(sys.stdin.buffer, "stdin")
     else:
@@ -37,7 +41,7 @@ def main(input, run, out, batch_size, device):
         check_writable(out)
     model = LSTModel(run, device)
     model.check_inputs(texts, "stdin" if input == "-" else input)
-    rows = model.predict(texts, batch_size)
+    rows = model.predict(texts, batch_size, max_new_tokens)
     if out == "-":
         for row in rows:
             click.echo(row)

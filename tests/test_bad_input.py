@@ -462,11 +462,17 @@ def test_predict_keeps_one_record_per_input_line(shared, tmp_path):
     assert [r["text"] for r in rows] == ["good film", "bad plot"]
 
 
-def test_the_offline_minilm_copy_is_checked_against_its_published_sha256(monkeypatch):
-    """A damaged copy of the packaged MiniLM (same file names, other bytes) fails at load naming the file."""
+@pytest.mark.parametrize("name,file", [("sentence-transformers/all-MiniLM-L6-v2", r"model\.safetensors"),
+                                       ("smollm2-135m-instruct", r"SmolLM2-135M-Instruct\.Q4_1\.gguf")])
+def test_an_offline_embedded_copy_is_checked_against_its_recorded_sha256(name, file, monkeypatch):
+    """A damaged copy of a packaged backbone (same file names, other bytes) fails at load naming the file."""
+    import dataclasses
+
     from pipeline import backbone as bbm
     from pipeline.errors import BackboneError
 
-    monkeypatch.setattr(bbm, "MINILM_SHA256", "0" * 64)  # as if the file's bytes had changed
-    with pytest.raises(BackboneError, match=r"model\.safetensors \(the offline MiniLM copy\) has sha256"):
-        bbm.weights_sha256(bbm.MINILM)
+    # as if the file's bytes had changed: the recorded hash no longer matches them
+    monkeypatch.setitem(bbm.EMBEDDED, name, dataclasses.replace(bbm.EMBEDDED[name], weights_sha256="0" * 64))
+    bbm._FILE_SHA.clear()
+    with pytest.raises(BackboneError, match=rf"{file} \(the offline copy of {name}\) has sha256"):
+        bbm.weights_sha256(name)
