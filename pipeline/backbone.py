@@ -160,6 +160,8 @@ def load_config(name: str):
     path = resolve(name)
     try:
         folder, kw = _gguf_kwargs(path)
+        if kw:
+            _check_gguf(Path(folder) / kw["gguf_file"])  # named here, not deep inside the GGUF parser
         key = (path, *((Path(path).stat().st_size, Path(path).stat().st_mtime_ns) if kw else ()))
         if not kw or key not in _CONFIGS:
             cfg = AutoConfig.from_pretrained(folder, **kw)
