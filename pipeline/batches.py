@@ -36,7 +36,7 @@ import torch
 
 from pipeline.ladder_store import LadderStore, bytes_per_value
 from pipeline.layout import SRC, TGT
-from pipeline.padding import decoder_inputs
+from pipeline.padding import candidate_inputs
 
 
 @dataclass
@@ -46,9 +46,12 @@ class LadderBatch:
     src_ids/src_mask: (B, T); states: name -> (B, T, d) (src) or (N, U, d) (tgt); labels (B,).
     Packed layout (pipeline/batches.py): the same fields are (R, P) rows of several examples each, `seg` says
     which example (0..B-1) a slot holds and `pos` its position there; labels stay (B,), one per example.
-    T5 only: tgt_ids/tgt_mask/tgt_labels (N, U) decoder inputs, mask, targets (-100 = ignore);
-    tgt_row (N,) source row of each target row; n_candidates: C when every row's C candidates are
-    present in order (scores come back as (B, C)), 0 for teacher forcing on the gold target only.
+    T5 and decoder-only classification: tgt_ids/tgt_mask (N, U) candidate inputs (T5: decoder inputs; decoder-only:
+    each candidate without its last token, U may be 0) and tgt_labels (N, U) (decoder-only: (N, U + 1), label 0
+    scored from the prompt's last position), -100 = ignore; tgt_row (N,) example of each target row; n_candidates:
+    C when every row's C candidates are present in order (scores come back as (B, C)), 0 for teacher forcing on the
+    gold target only. Decoder-only generation: lm_labels (B, T) / (R, P) next answer token at each slot, -100 where
+    the next token is not an answer token of the same example.
     """
 
     src_ids: torch.Tensor
@@ -66,6 +69,7 @@ class LadderBatch:
     # DDP (pipeline/ddp.py): this rank's part of the global batch is empty; the batch holds one example of it
     # only so that the rank joins the step's gradient all-reduce, and its loss counts zero times
     placeholder: bool = False
+    lm_labels: torch.Tensor | None = None  # generation: next-token labels of the answer slots (-100 elsewhere)
 
     def to(self, device, dtype=None):
         # non_blocking only towards a GPU: a non-blocking copy back to the host returns before the data lands
@@ -82,7 +86,7 @@ class LadderBatch:
             self, src_ids=mv(self.src_ids), src_mask=mv(self.src_mask),
             states={k: mv(v) for k, v in self.states.items()}, labels=mv(self.labels), tgt_ids=mv(self.tgt_ids),
             tgt_mask=mv(self.tgt_mask), tgt_labels=mv(self.tgt_labels), tgt_row=mv(self.tgt_row),
-            tgt_cand=mv(self.tgt_cand), seg=mv(self.seg), pos=mv(self.pos))
+            tgt_cand=mv(self.tgt_cand), seg=mv(self.seg), pos=mv(self.pos), lm_labels=mv(self.lm_labels))
 
     @property
     def n_tokens(self) -> int:
@@ -135,10 +139,10 @@ def _tensor(a: np.ndarray, device, pin: bool = False) -> torch.Tensor:
 class StoreMeta:
     """What assembly needs to know about a store besides its rows."""
 
-    t5: bool
-    K: int  # T5: target rows per example (all candidates' tokens)
-    cand_offsets: np.ndarray  # (C + 1,)
-    dec: tuple  # T5: (C, U) decoder inputs, labels (-100 = ignore), mask
+    cands: bool  # T5 / decoder-only classification: batches carry candidate targets
+    K: int  # target rows per example (layout.tgt_lengths of all candidates)
+    tgt_offsets: np.ndarray  # (C + 1,) first target row of each candidate within an example's K
+    dec: tuple  # padding.candidate_inputs: (C, U) inputs, labels (-100 = ignore), (C, U) mask
 
 
 class RowSet:
@@ -146,7 +150,7 @@ class RowSet:
     off[j]:off[j+1] of each src state; its target rows (T5) are j*K : (j+1)*K of each tgt state."""
 
     def __init__(self, meta: StoreMeta, off: np.ndarray, ids: np.ndarray, labels: np.ndarray, gold: np.ndarray,
-                 arrays: dict[str, tuple], device, pin: bool = False):
+                 arrays: dict[str, tuple], device, pin: bool = False, answer_start: np.ndarray | None = None):
         self.meta, self.device, self.off = meta, torch.device(device), np.asarray(off, np.int64)
         self.names = list(arrays)
         self.ids = _tensor(ids.astype(np.int64), self.device, pin)
@@ -155,15 +159,17 @@ class RowSet:
         self.arrays = {n: (_tensor(r, self.device, pin), None if s is None else _tensor(s, self.device, pin))
                        for n, (r, s) in arrays.items()}
         self.off_t = _tensor(self.off, self.device, pin)
-        if meta.t5:
+        self.answer_start = None if answer_start is None else _tensor(answer_start.astype(np.int64), self.device, pin)
+        if meta.cands:
             self.dec = tuple(t.to(self.device) for t in meta.dec)
-            self.cand_off = torch.from_numpy(meta.cand_offsets[:-1].astype(np.int64)).to(self.device)
+            self.cand_off = torch.from_numpy(meta.tgt_offsets[:-1].astype(np.int64)).to(self.device)
 
     @classmethod
     def of_store(cls, store, names: list[str], n: int, device) -> "RowSet":
         """The first n examples of a store (the device-resident cache)."""
         return cls(store_meta(store), store.offsets[: n + 1], store.src_ids[: store.offsets[n]], store.labels[:n],
-                   gold_targets(store, store.labels[:n]), store.load_group(0, n, names), device)
+                   gold_targets(store, store.labels[:n]), store.load_group(0, n, names), device,
+                   answer_start=None if store.answer_start is None else store.answer_start[:n])
 
     @classmethod
     def of_examples(cls, store, group: dict, e0: int, idx: np.ndarray, device, meta: StoreMeta | None = None):
@@ -184,7 +190,7 @@ class RowSet:
         labels = store.labels[idx]
         pin = torch.device(device).type == "cuda"
         return cls(meta or store_meta(store), local_off, store.src_ids[src], labels, gold_targets(store, labels),
-                   arrays, device, pin)
+                   arrays, device, pin, None if store.answer_start is None else store.answer_start[idx])
 
     def _decode(self, name: str, src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         rows, scale = self.arrays[name]
@@ -208,7 +214,9 @@ class RowSet:
         batch = LadderBatch(ids, valid, states, self.labels[i])
         if pack_len:
             batch.seg, batch.pos = seg, pos
-        if not self.meta.t5:
+        if self.answer_start is not None:
+            batch.lm_labels = answer_labels(ids, seg, pos, self.answer_start[i])
+        if not self.meta.cands:
             return batch
         dec_in, dec_labels, dec_mask = self.dec
         C, U = dec_in.shape
@@ -230,15 +238,26 @@ class RowSet:
         return batch
 
 
+def answer_labels(ids: torch.Tensor, seg: torch.Tensor, pos: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(R, P) causal-LM labels of a generation batch: at each slot, the next slot's token when that token is an
+    answer token of the same example (position >= its answer start), else -100. Padded or packed alike."""
+    nxt = torch.full_like(ids, -100)
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] >= 0)
+    is_answer = (pos[:, 1:] >= start[seg[:, :-1].clamp(min=0)])
+    nxt[:, :-1] = torch.where(same & is_answer, ids[:, 1:], -100)
+    return nxt
+
+
 def store_meta(store) -> StoreMeta:
-    t5 = store.fingerprint.get("family") == "t5"
-    dec = decoder_inputs(store.cand, int(store.fingerprint.get("decoder_start_token_id", 0))) if t5 else ()
-    return StoreMeta(t5, store.K, store.cand_offsets, dec)
+    family = store.fingerprint.get("family")
+    cands = family in ("t5", "decoder") and bool(store.cand)
+    dec = candidate_inputs(family, store.cand, int(store.fingerprint.get("decoder_start_token_id", 0))) if cands else ()
+    return StoreMeta(cands, store.K, store.tgt_offsets, dec)
 
 
 def gold_targets(store, labels: np.ndarray) -> np.ndarray:
-    """Index of the gold candidate of each label (T5 teacher forcing); zeros for other families."""
-    if store.fingerprint.get("family") != "t5":
+    """Index of the gold candidate of each label (teacher forcing: T5, decoder-only); zeros otherwise."""
+    if not store.cand:
         return np.zeros(len(labels), np.int64)
     return np.array([store.fingerprint_target(y) for y in labels], np.int64)
 

@@ -21,10 +21,11 @@ from pipeline.backbone import (
 from pipeline.config import CacheConfig
 from pipeline.durable import owner_lock
 from pipeline.errors import LadderCacheError, StoreError
-from pipeline.layout import TGT, family_of
-from pipeline.padding import decoder_inputs
+from pipeline.layout import TGT, family_of, tgt_lengths
+from pipeline.padding import candidate_inputs
 from pipeline.progress import Progress
-from pipeline.state_rows import check_finite, state_rows
+from pipeline.prompting import check_format
+from pipeline.state_rows import SORT_WINDOW, check_finite, window_rows
 from pipeline.tasks import Task, check_targets, content_hash, get_task
 
 
@@ -52,6 +53,8 @@ def fingerprint(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
         "seed": int(cfg.seed), "family": bb.family, "n_layers": bb.n_layers, "d_model": _width(bb),
         "task_kind": task.kind, "num_labels": task.num_labels, "regression_bins": task.regression_bins,
         "decoder_start_token_id": int(getattr(bb.config, "decoder_start_token_id", 0) or 0),
+        # decoder-only stores only: how prompts were formatted (pipeline/prompting.py)
+        **({"prompt_format": cfg.prompt_format} if bb.family == "decoder" else {}),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "zarr": ls.zarr.__version__, "numcodecs": numcodecs.__version__},
     }
@@ -69,21 +72,22 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
                 train_hash: str | None = None) -> Path:
     """Write (or resume, or check) the ladder store of one split; `client`: a dask client whose workers run
     the backbone (pipeline/cache_cluster.py), else this process runs it."""
-    enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length)
-    names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list)
+    enc = encode(task, examples, bb.tokenizer, bb.family, cfg.max_length, cfg.prompt_format)
+    names = state_names_for(bb, cfg.layer_list, cfg.decoder_layer_list, enc.cand_ids)
     dtype = resolve_dtype(cfg, bb)
     n = len(examples)
     lengths = np.array([len(s) for s in enc.src_ids])
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    K = int(sum(len(c) for c in enc.cand_ids)) if bb.family == "t5" else 0
+    K = int(sum(tgt_lengths(bb.family, enc.cand_ids)))  # target rows per example (pipeline/layout.py)
     d = _width(bb)
     arrays = [ls.ArraySpec(nm, int(n * K) if nm.startswith(TGT) else int(offsets[-1]), d,
                            np.arange(n + 1) * K if nm.startswith(TGT) else offsets) for nm in names]
     fp = fingerprint(cfg, bb, task, split, examples, dtype, train_hash)
     path = Path(cfg.out) / f"{split}.zarr"
+    extra = {"answer_start": enc.answer_start} if enc.answer_start is not None else {}
     writer = ls.StoreWriter(path, fp, offsets, np.concatenate(enc.src_ids), enc.labels, arrays,
                             enc.cand_ids, dtype=dtype, codec=cfg.codec,
-                            chunk_tokens=cfg.chunk_tokens, shard_tokens=cfg.shard_tokens)
+                            chunk_tokens=cfg.chunk_tokens, shard_tokens=cfg.shard_tokens, extra=extra)
     raw = sum(a.rows for a in arrays) * d * ls.bytes_per_value(dtype, cfg.codec)
     padded = n * cfg.max_length * d * len([a for a in arrays if not a.name.startswith(TGT)]) * 2
     log(f"[{split}] {n} examples, {int(offsets[-1])} tokens (mean {lengths.mean():.1f}), {len(names)} states x {d}: "
@@ -118,20 +122,19 @@ def cache_split(cfg: CacheConfig, bb: Backbone, task: Task, split: str, examples
 def _write_states(cfg: CacheConfig, bb: Backbone, split: str, enc, names, lengths, writer, first: int, dtype: str,
                   log) -> tuple[int, float]:
     n = len(lengths)
-    # Forward batches are a function of the example index alone (boundaries at multiples of batch_size
-    # from example 0): the CPU forward is not bit-stable across batch shapes (a batch pads to its longest
-    # example; 29 of 160 tiny-BERT states changed in their last bits when the batch around them changed),
-    # so a resumed run recomputes exactly the clean run's batches. The writer skips rows already on disk.
-    start = first - first % cfg.batch_size
+    # windows at fixed multiples from example 0 (pipeline/state_rows.py): a resumed run recomputes exactly the
+    # clean run's windows; the writer skips rows already on disk
+    window = cfg.batch_size * SORT_WINDOW
+    start = first - first % window
     if first:
-        log(f"[{split}] resuming at example {first} of {n} (from its batch, which starts at example {start})")
+        log(f"[{split}] resuming at example {first} of {n} (from its window, which starts at example {start})")
     writer.begin(start)
-    cand = decoder_inputs(enc.cand_ids, writer.fp["decoder_start_token_id"]) if bb.family == "t5" else None
+    cand = candidate_inputs(bb.family, enc.cand_ids, writer.fp["decoder_start_token_id"]) if enc.cand_ids else None
     t0, tokens = time.perf_counter(), 0
     bar = Progress(n - start, f"cache {split}", unit="ex")
-    for b in range(start, n, cfg.batch_size):
-        idx = range(b, min(b + cfg.batch_size, n))
-        rows = state_rows(bb, [enc.src_ids[i] for i in idx], enc.cand_ids, names, cand)
+    for w in range(start, n, window):
+        idx = range(w, min(w + window, n))
+        rows = window_rows(bb, [enc.src_ids[i] for i in idx], enc.cand_ids, names, cand, cfg.batch_size)
         for name in names:
             check_finite(rows[name], name, idx, split, cfg, dtype)
             writer.append(name, rows[name])
@@ -166,6 +169,7 @@ def run(cfg: CacheConfig, log=print) -> list[Path]:
                 if cfg.threads:
                     stack.callback(torch.set_num_threads, torch.get_num_threads())
                     torch.set_num_threads(cfg.threads)
+            check_format(cfg.prompt_format, bb.tokenizer, bb.family, cfg.backbone)
             for split in cfg.splits:
                 examples = data[split][: cfg.limit] if cfg.limit else data[split]
                 paths.append(cache_split(cfg, bb, task, split, examples, log, client, train_hash))

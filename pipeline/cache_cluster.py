@@ -4,12 +4,12 @@ that runs the frozen backbone over its forward batches and writes whole shards o
     python -m stages.cache_activations --scheduler local:2               # 2 worker processes here
     python -m stages.cache_activations --scheduler tcp://head:8786       # a running `dask scheduler`
 
-Ranges. Shards are token-based (`shard_tokens` rows of every src state); forward batches are example-based
-and sit at multiples of `batch_size` from example 0, because the CPU forward is not bit-stable across batch
-shapes (pipeline/cache_activations.py). A range is a run of whole src shards [j0, j1), rows [j0*S, j1*S), and
-it runs the forward batches that cover those rows: from the batch holding row j0*S to the batch holding row
-j1*S - 1. The example straddling a shard boundary sits in a batch that both neighbouring ranges run (at most
-one batch of repeated work per boundary); each keeps only its own rows. So no two tasks write one shard (a
+Ranges. Shards are token-based (`shard_tokens` rows of every src state); forward batches are example-based:
+length-sorted windows of SORT_WINDOW * batch_size examples at fixed multiples from example 0, because the CPU
+forward is not bit-stable across batch shapes (pipeline/state_rows.py). A range is a run of whole src shards
+[j0, j1), rows [j0*S, j1*S), and it runs the windows that cover those rows: from the window holding row j0*S
+to the window holding row j1*S - 1. The example straddling a shard boundary sits in a window that both
+neighbouring ranges run (at most one window of repeated work per boundary); each keeps only its own rows. So no two tasks write one shard (a
 partial-shard write would read, modify and rewrite the file), every row comes from the same batch as in the
 single-process run, and every shard file gets the same bytes through the same write path
 (ladder_store.write_shards).
@@ -62,12 +62,13 @@ from pipeline.device import pick_device
 from pipeline.durable import crash_once, crash_point
 from pipeline.errors import BackboneError, ConfigError, StoreError
 from pipeline.layout import TGT
-from pipeline.padding import decoder_inputs
-from pipeline.state_rows import check_finite, state_rows
+from pipeline.padding import candidate_inputs
+from pipeline.state_rows import SORT_WINDOW, check_finite, window_rows
 
 # About 4 ranges per worker: the last range to finish leaves the other workers idle for at most a quarter of
-# a worker's share, and the repeated batch at each range boundary stays small (rt-sentiment train, 242k
-# tokens in 8 shards of 32,768 on 2 workers: 8 one-shard ranges, each repeating <= 64 of ~1,200 examples).
+# a worker's share, and the repeated window at each range boundary stays bounded (rt-sentiment train, 242k
+# tokens in 8 shards of 32,768 on 2 workers: 8 one-shard ranges of ~1,200 examples, each repeating at most one
+# 256-example window at batch 32, i.e. <= ~20% extra forward work; fewer, longer ranges repeat less).
 RANGES_PER_WORKER = 4
 CLIENT_KILL_ENV = "LADDER_CACHE_KILL_CLIENT_AFTER_TASKS"  # test hook: SIGKILL the client after N recorded tasks
 WORKER_KILL_ENV = "LADDER_CACHE_KILL_WORKER_ONCE"  # test hook: a file path; first worker to write a shard dies
@@ -79,7 +80,7 @@ WORKER_WAIT_S = 120  # a scheduler with no worker after this long is reported in
 @dataclass(frozen=True)
 class Range:
     shards: tuple[int, int]  # src shards [j0, j1) it writes, in every src array
-    examples: tuple[int, int]  # the forward batches it runs: [e0, e1), e0 a multiple of batch_size
+    examples: tuple[int, int]  # the windows it runs: [e0, e1), e0 a multiple of the window (`unit`)
     handover: tuple[int, int]  # T5: the examples whose tgt rows it hands over (the ranges partition the split)
 
 
@@ -88,8 +89,9 @@ def example_of_row(offsets: np.ndarray, row: int) -> int:
     return int(np.searchsorted(offsets, row, side="right")) - 1
 
 
-def plan_ranges(offsets: np.ndarray, shard: int, batch_size: int, n_ranges: int) -> list[Range]:
-    """Up to n_ranges ranges of whole src shards, each with the forward batches covering its rows."""
+def plan_ranges(offsets: np.ndarray, shard: int, unit: int, n_ranges: int) -> list[Range]:
+    """Up to n_ranges ranges of whole src shards, each with the forward windows (`unit` examples each, from
+    example 0) covering its rows."""
     n, total = len(offsets) - 1, int(offsets[-1])
     n_shards = -(-total // shard)
     if n == 0 or n_shards == 0:
@@ -100,7 +102,7 @@ def plan_ranges(offsets: np.ndarray, shard: int, batch_size: int, n_ranges: int)
         j1 = min(j0 + per, n_shards)
         first = example_of_row(offsets, j0 * shard)
         last = example_of_row(offsets, min(j1 * shard, total) - 1)
-        out.append(((j0, j1), (first - first % batch_size, min(n, (last // batch_size + 1) * batch_size))))
+        out.append(((j0, j1), (first - first % unit, min(n, (last // unit + 1) * unit))))
     starts = [0] + [e[0] for _, e in out[1:]] + [n]
     return [Range(s, e, (starts[k], starts[k + 1])) for k, (s, e) in enumerate(out)]
 
@@ -222,15 +224,16 @@ def run_range(job: RangeJob) -> dict:
     skip = {n: set(s) | _recorded(store, n, S) for n, s in job.skip.items()}  # a rerun after a worker died
     src = [n for n in job.names if not n.startswith(TGT)]
     tgt = [n for n in job.names if n.startswith(TGT)]
-    cand = decoder_inputs(job.cand_ids, job.decoder_start) if bb.family == "t5" else None
+    cand = candidate_inputs(bb.family, job.cand_ids, job.decoder_start) if job.cand_ids else None
     (e0, e1), (h0, h1) = job.range.examples, job.range.handover
     r0, r1 = job.range.shards[0] * S, min(job.range.shards[1] * S, job.src_rows)
     buf: dict[str, list] = {n: [] for n in src}
     held = {n: [] for n in tgt}
     at, start, files = job.src_start, r0, {}  # next row to arrive; first buffered row (a shard boundary)
-    for b in range(e0, e1, cfg.batch_size):
-        idx = range(b, min(b + cfg.batch_size, e1))
-        rows = state_rows(bb, job.ids[b - e0: idx.stop - e0], job.cand_ids, job.names, cand)
+    window = cfg.batch_size * SORT_WINDOW
+    for b in range(e0, e1, window):
+        idx = range(b, min(b + window, e1))
+        rows = window_rows(bb, job.ids[b - e0: idx.stop - e0], job.cand_ids, job.names, cand, cfg.batch_size)
         for name in job.names:
             check_finite(rows[name], name, idx, job.split, cfg, job.dtype)
         n_rows = rows[src[0]].shape[0]
@@ -392,7 +395,7 @@ def write_states(cfg: CacheConfig, client, bb: Backbone, split: str, enc, names:
     tgt = [m for m in names if m.startswith(TGT)]
     done = {m: writer.recorded_shards(m) for m in names}
     n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    ranges = plan_ranges(writer.offsets, S, cfg.batch_size, RANGES_PER_WORKER * n_workers)
+    ranges = plan_ranges(writer.offsets, S, cfg.batch_size * SORT_WINDOW, RANGES_PER_WORKER * n_workers)
     K = writer.arrays[tgt[0]].rows // n if tgt and n else 0
     tgt_todo = {}  # tgt shard -> arrays lacking it
     for t in range(writer.n_shards(tgt[0]) if tgt else 0):

@@ -26,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 TASK_HELP = ("A built-in task (list: python -m stages.tasks) or a task .yaml file of your own (schema and check: "
              "python -m stages.tasks --help). Given on the command line, the stage's input and output folders default "
              "to that task's (data/<task>/..., runs/<task>/side).")
+PROMPT_FORMATS = ("plain", "chat")  # pipeline/prompting.py (config imports no pipeline module but errors)
+DOWNSAMPLERS = ("linear", "lowrank")
 
 
 def _f(default, help: str, **kw):
@@ -123,8 +125,11 @@ class CacheConfig:
     threads: int = _f(0, "CPU: torch threads of each process running the backbone (0: torch's default here, this "
                          "machine's cores shared out among local:N workers). The CPU forward's last bits can depend "
                          "on it (tiny T5's decoder: 1 vs 2 threads), so fix it to compare stores across schedulers.")
+    prompt_format: str = _f("plain", "Decoder-only prompts: plain (the T5-style text, ' <verbalizer>' after it) or "
+                                     "chat (the model's chat template with the task's instruction).")
 
     def __post_init__(self):
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _check_choice("dtype", self.dtype, DTYPES)
         scheduler_workers(self.scheduler)  # validates
         if "://" in str(self.out):
@@ -181,8 +186,10 @@ class PruneConfig:
     data_dir: str = _f("data/raw", "Where offline datasets live.")
     device: str = _f("auto", "auto|cpu|cuda.")
     seed: int = _f(0, "Seed (data split and random init).")
+    prompt_format: str = _f("plain", "Decoder-only prompts of the Fisher examples: plain or chat (as the cache's).")
 
     def __post_init__(self):
+        _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
         _check_choice("init", self.init, INITS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
@@ -237,6 +244,10 @@ class TrainConfig:
     final_dropout: float = _f(0.1, "Dropout after the side stack's final norm (official: 0.1).")
     mix_final: bool = _f(False, "Mix up(side) with the backbone's final state by a learned gate before the head, as "
                                 "QST does (and late fusion, on top of the ladders); reads the last layer's states.")
+    downsampler: str = _f("linear", "Ladder down-projections: linear (LST: d -> d/r with bias) or lowrank (QST: "
+                                    "d -> k -> d/r, SiLU between, no biases, LayerNorm after).")
+    downsampler_rank: int = _f(16, "lowrank downsamplers: the inner width k (QST's peft_hidden_size, 16 in its "
+                                   "scripts).")
     backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
                                        "see its dropout as in the official code (cached states never do).")
     seed: int = _f(0, "Seed of init, shuffling and dropout.")
@@ -268,7 +279,8 @@ class TrainConfig:
         _check_choice("feed", self.feed, FEEDS)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
-        for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb"):
+        _check_choice("downsampler", self.downsampler, DOWNSAMPLERS)
+        for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb", "downsampler_rank"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("limit", "warmup_steps", "select_k", "batch_tokens"):

@@ -7,16 +7,19 @@ Layout of `<out>/<split>.zarr` (format version 2):
     labels             (n,) float32       class index or regression target
     layers/<name>      (rows, d)          one array per stored state, e.g. src_emb, src_03, tgt_05
     layers/<name>_scale (rows, 1) float32  int8 codec only: per-token absmax / 127
-    cand_ids           (K,) int32         T5: all candidate verbalizers' token ids, concatenated
-                                          (decoder-only: the first token of each verbalizer)
+    cand_ids           int32              T5 / decoder-only: all candidate verbalizers' token ids, concatenated
     cand_offsets       (C + 1,) int64     candidate c is cand_ids[cand_offsets[c]:cand_offsets[c+1]]
+    answer_start       (n,) int32         decoder-only generation tasks: where the answer starts in each example
+                                          (src_ids hold prompt + answer + end token)
     _progress.json     the completion record (see Integrity); the only source of truth for completeness
 
-`src_*` arrays have one row per source token (ragged, rows = offsets). `tgt_*` arrays (T5) hold the
-teacher-forced decoder states of every candidate verbalizer for every example: K rows per example
-(row i*K + cand_offsets[c] + u), so evaluation ranks candidates from the cache and training uses
-the gold candidate's rows. The embedding output is stored only for encoder-only backbones (see
-layout.stores_embedding); T5 / decoder-only side nets recompute it from token ids.
+`src_*` arrays have one row per source token (ragged, rows = offsets). `tgt_*` arrays hold, for every example,
+the states of every candidate verbalizer: T5's teacher-forced decoder states of all its tokens; a decoder-only
+model's states at the candidate's positions after the example's prompt, all but the last token (layout.tgt_lengths:
+single-token verbalizers need none, and then no tgt_* array exists). K rows per example (row i*K + tgt_offsets[c]
++ u), so evaluation ranks candidates from the cache and training uses the gold candidate's rows. The embedding
+output is stored only for encoder-only backbones (see layout.stores_embedding); T5 / decoder-only side nets
+recompute it from token ids.
 
 Writes go through `StoreWriter`, which only ever writes whole shards (plus the final partial one)
 and records each array's shard count atomically after the write: a kill at any point loses at most
@@ -68,7 +71,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.durable import atomic_json, crash_point, sha256_file
 from pipeline.errors import FingerprintMismatch, StoreError
-from pipeline.layout import TGT
+from pipeline.layout import TGT, tgt_lengths
 
 FORMAT_VERSION = 2  # 2: _progress.json records every file's size and sha256
 PROGRESS = "_progress.json"
@@ -296,10 +299,11 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, fingerprint: dict, offsets: np.ndarray, src_ids: np.ndarray,
                  labels: np.ndarray, arrays: list[ArraySpec], cand: list[np.ndarray], *, dtype: str, codec: str,
-                 chunk_tokens: int, shard_tokens: int):
+                 chunk_tokens: int, shard_tokens: int, extra: dict | None = None):
         self.path = Path(path)
         self.fp = dict(fingerprint)
         self.offsets, self.src_ids, self.labels, self.cand = offsets, src_ids, labels, cand
+        self.extra = dict(extra or {})  # small per-example arrays (answer_start)
         self.arrays = {a.name: a for a in arrays}
         self.dtype, self.codec = dtype, codec
         self.chunk, self.shard = chunk_tokens, shard_tokens
@@ -367,6 +371,8 @@ class StoreWriter:
         if self.cand:
             g.create_array("cand_ids", data=np.concatenate(self.cand).astype(np.int32), **small)
             g.create_array("cand_offsets", data=np.cumsum([0] + [len(c) for c in self.cand]).astype(np.int64), **small)
+        for name, values in self.extra.items():
+            g.create_array(name, data=np.asarray(values, np.int32), **small)
         lg = g.create_group(LAYERS)
         sdt = storage_dtype(self.dtype, self.codec)
         for a in self.arrays.values():
@@ -535,7 +541,10 @@ class LadderStore:
             self.cand_offsets = off
         else:
             self.cand, self.cand_offsets = [], np.zeros(1, np.int64)
-        self.K = int(self.cand_offsets[-1])
+        self.answer_start = self._read_small("answer_start") if "answer_start" in self.group else None
+        # target rows per candidate (layout.tgt_lengths): T5 all its tokens, decoder-only all but the last
+        self.tgt_offsets = np.cumsum([0] + tgt_lengths(self.fingerprint.get("family", ""), self.cand)).astype(np.int64)
+        self.K = int(self.tgt_offsets[-1])
         # read once: zarr metadata lookups cost ~1 ms each, and batches ask for the width per state
         self.width = int(self.layers[self.names[0]].shape[1]) if self.names else 0
         self._check_layout(record)

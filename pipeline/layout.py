@@ -37,3 +37,15 @@ def stores_embedding(family: str) -> bool:
     T5 and decoder-only embedding outputs are a lookup in the table the side net holds anyway for the
     LM head: stage two recomputes them from token ids, so they are not stored."""
     return family == "encoder"
+
+
+def tgt_lengths(family: str, cands) -> list[int]:
+    """Stored target rows of each candidate: T5 keeps the teacher-forced decoder states of all its tokens; a
+    decoder-only model keeps the states at the candidate's own positions except the last (the state at token u
+    scores token u + 1; the first token is scored from the prompt's last state, the last token's state scores
+    nothing), so single-token verbalizers store no target rows at all."""
+    if family == "t5":
+        return [len(c) for c in cands]
+    if family == "decoder":
+        return [len(c) - 1 for c in cands]
+    return []

@@ -13,6 +13,22 @@ def predictions(scores: np.ndarray, kind: str, bins: list[float]) -> np.ndarray:
     return scores.argmax(1)
 
 
+def generation_metrics(scores: np.ndarray) -> dict[str, float]:
+    """Generation from teacher-forced scores (n, 3) = [every answer token the argmax, answer NLL, answer tokens]
+    (pipeline/side.py): greedy decoding reproduces an answer exactly iff each of its tokens (the end token
+    included) is the argmax given the earlier ones, so `exact_match` is greedy generation's exact match."""
+    nll, tokens = float(scores[:, 1].sum()), float(scores[:, 2].sum())
+    return {"exact_match": float(scores[:, 0].mean()), "answer_nll_per_token": nll / max(tokens, 1.0),
+            "answer_perplexity": float(np.exp(nll / max(tokens, 1.0)))}
+
+
+def scores_metrics(task, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """A task's metrics from a side net's (n, C) scores."""
+    if task.kind == "generation":
+        return generation_metrics(scores)
+    return task_metrics(task.kind, predictions(scores, task.kind, task.regression_bins), labels)
+
+
 def task_metrics(kind: str, pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     if kind == "regression":
         p = float(pearsonr(pred, labels)[0]) if np.std(pred) > 0 else 0.0

@@ -1,4 +1,5 @@
-"""Backbone + trained side network as one module on raw text (no cache)."""
+"""Backbone + trained side network as one module on raw text (no cache): classification scores, and for a
+generation task (decoder-only), greedy generation with a KV cache in the backbone and one in the side network."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from pipeline.device import pick_device
 from pipeline.errors import DataError, FingerprintMismatch
 from pipeline.layout import SRC, TGT
 from pipeline.metrics import predictions
-from pipeline.padding import decoder_inputs, pad
+from pipeline.padding import candidate_inputs, pad
+from pipeline.prompting import encode_prompts, end_token
 from pipeline.run_folder import load_side
 from pipeline.tasks import Example, get_task
 
@@ -56,8 +58,9 @@ class LSTModel(nn.Module):
                                       {"backbone_sha256": (self.meta["backbone_sha256"], self.bb.sha256)})
         self.task = get_task(self.meta["task"])
         spec = self.side.spec
-        self.names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
+        self.names = spec.read_states
         self.max_length = int(self.meta["max_length"])
+        self.prompt_format = self.meta.get("prompt_format", "plain")
         self.device = dev
 
     def check_inputs(self, texts: list[tuple[str, str | None]], source: str) -> None:
@@ -76,14 +79,15 @@ class LSTModel(nn.Module):
     @torch.no_grad()
     def scores(self, texts: list[tuple[str, str | None]]) -> np.ndarray:
         exs = [Example(a, b, 0.0) for a, b in texts]
-        enc = bbm.encode(self.task, exs, self.bb.tokenizer, self.bb.family, self.max_length)
+        enc = bbm.encode(self.task, exs, self.bb.tokenizer, self.bb.family, self.max_length, self.prompt_format)
         ids, mask = pad(enc.src_ids)
         cand = None
-        if self.bb.family == "t5":
-            cand = decoder_inputs(enc.cand_ids, int(getattr(self.bb.config, "decoder_start_token_id", 0) or 0))
+        if enc.cand_ids:  # T5 decoder inputs / decoder-only continuations of every candidate
+            cand = candidate_inputs(self.bb.family, enc.cand_ids,
+                                    int(getattr(self.bb.config, "decoder_start_token_id", 0) or 0))
         st = bbm.forward_states(self.bb, ids, mask, self.names, cand)
         batch = LadderBatch(ids, mask, {n: v.float() for n, v in st.items() if n.startswith(SRC)})
-        if cand is not None:
+        if cand is not None:  # every candidate of every example, in order: scores come back (B, C)
             dec_in, dec_labels, dec_mask = cand
             B, C = ids.shape[0], dec_in.shape[0]
             batch.tgt_ids, batch.tgt_labels, batch.tgt_mask = dec_in.repeat(B, 1), dec_labels.repeat(B, 1), dec_mask.repeat(B, 1)
@@ -93,10 +97,46 @@ class LSTModel(nn.Module):
             batch.states.update({n: v.float() for n, v in st.items() if n.startswith(TGT)})
         return self.side(batch.to(self.device)).scores.float().cpu().numpy()
 
-    def predict(self, texts, batch_size: int = 64, raw_scores: bool = False):
+    @torch.no_grad()
+    def generate(self, text: tuple[str, str | None], max_new_tokens: int = 32) -> list[int]:
+        """Greedy decoding of one example: the backbone runs with its own KV cache (Hugging Face past_key_values),
+        its hooks capture each new position's kept states, and the side net continues from its KV cache of every
+        earlier position (SideNetwork.step_logits); tested equal to recomputing the whole sequence each step."""
+        ids, _ = encode_prompts(self.task, [Example(text[0], text[1], 0.0, "")], self.bb.tokenizer,
+                                self.prompt_format, self.max_length, with_answer=False)
+        step = torch.from_numpy(ids[0].astype(np.int64))[None].to(self.bb.device)  # (1, T)
+        stop, out = end_token(self.bb.tokenizer), []
+        past, cache, pos = None, None, 0
+        src_names = [n for n in self.names if n.startswith(SRC)]
+        for _ in range(max_new_tokens):
+            cap = bbm.Capture(self.bb, src_names)
+            try:
+                res = self.bb.body(input_ids=step, past_key_values=past, use_cache=True)
+            finally:
+                cap.close()
+            past = res.past_key_values
+            states = {n: cap.out[n].float().to(self.device) for n in src_names}
+            logits, cache = self.side.step_logits(step.to(self.device), states, pos, cache)
+            pos += step.shape[1]
+            nxt = int(logits[0, -1].argmax())
+            if nxt == stop:
+                break
+            out.append(nxt)
+            step = torch.tensor([[nxt]], device=self.bb.device)
+        return out
+
+    def predict(self, texts, batch_size: int = 64, raw_scores: bool = False, max_new_tokens: int = 32):
         """One JSON line per input: the label name and every label's probability (softmax of the side net's
         class logits, or of the candidate log-likelihoods for T5 / decoder-only rank classification), or the
-        predicted value for regression; raw scores only on request."""
+        predicted value for regression; raw scores only on request. Generation tasks: the greedy answer."""
+        if self.task.kind == "generation":
+            for a, b in texts:
+                tokens = self.generate((a, b), max_new_tokens)
+                row = {"text": a, "generation": self.bb.tokenizer.decode(tokens), "tokens": tokens}
+                if b is not None:
+                    row["text_pair"] = b
+                yield json.dumps(row)
+            return
         for i in range(0, len(texts), batch_size):
             chunk = texts[i:i + batch_size]
             sc = self.scores(chunk)

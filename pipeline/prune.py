@@ -125,6 +125,7 @@ def select_indices(spec: SideSpec, imp: dict[str, torch.Tensor]) -> dict:
                     s = q.sum(0) + kv  # (hs,) shared across heads
                     pair = s[: hs // 2] + s[hs // 2:]  # rotate-half partners chosen together
                     half = _top(pair, spec.side_kv // 2)
+                    out[(stack, k, part, "pairs")] = half  # their rotary frequencies go with them (rope_pairs)
                     dims = torch.cat([half, half + hs // 2])
                     out[(stack, k, part, "q")] = torch.cat([h * hs + dims for h in range(spec.n_heads)])
                     nkv = spec.n_kv_heads or spec.n_heads
@@ -153,6 +154,15 @@ def _slice(name: str, W: torch.Tensor, idx: dict, stack: str, k: int) -> torch.T
     if name.startswith("ff.wo"):
         return W[R][:, F] if W.dim() == 2 else W[R]
     return W[F][:, R] if W.dim() == 2 else W[F]
+
+
+def rope_pairs(spec: SideSpec, idx: dict) -> list[list[int]] | None:
+    """Decoder-only: the backbone rotary pairs each side block kept (SideSpec.rope_pairs), so the side net rotates
+    them at their own frequencies (pipeline/side.py `rope`). A side head of d_kv / r dims holds d_kv / (2r) pairs,
+    so r must divide d_kv (SideSpec checks it) and d_kv / r must be even."""
+    if spec.family != "decoder":
+        return None
+    return [[int(p) for p in idx[(SRC, k, "attn", "pairs")]] for k in spec.layers]
 
 
 def pruned_state(spec: SideSpec, weights: dict[str, torch.Tensor], importance: dict[str, torch.Tensor]):
@@ -221,11 +231,11 @@ def example_log_likelihood(bb, batch, probe=None) -> torch.Tensor:
         t = batch["tgt"].to(bb.device)
         tok = lp.gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)
         return tok.sum(1)
-    if bb.family == "decoder":
+    if bb.family == "decoder":  # ids = prompt + target tokens; tgt marks the target tokens (-100 elsewhere)
         logits = bb.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        last = mask.long().sum(1) - 1
-        lp = torch.log_softmax(logits[torch.arange(ids.shape[0]), last], -1)
-        return lp.gather(-1, batch["tgt"][:, None].to(bb.device))[:, 0]
+        lp = torch.log_softmax(logits[:, :-1], -1)  # position t scores token t + 1
+        t = batch["tgt"][:, 1:].to(bb.device)
+        return (lp.gather(-1, t.clamp(min=0)[..., None])[..., 0] * (t != -100)).sum(1)
     h = bb.model(input_ids=ids, attention_mask=mask).last_hidden_state
     m = mask[..., None].float()
     pooled = (h * m).sum(1) / m.sum(1)
@@ -315,6 +325,8 @@ def save_side_init(path: str | Path, tensors: dict[str, torch.Tensor], spec: Sid
 
 
 def load_side_init(path: str | Path, expect: dict) -> tuple[dict, dict]:
+    """(tensors, fingerprint) of a side_init file made for `expect` (INIT_FIELDS compared); the fingerprint also
+    carries `rope_pairs` (decoder-only: the rotary pairs the pruned heads kept, from the file's spec)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -326,4 +338,5 @@ def load_side_init(path: str | Path, expect: dict) -> tuple[dict, dict]:
     diffs = {k: (fp.get(k), expect[k]) for k in INIT_FIELDS if k in expect and fp.get(k) != expect[k]}
     if diffs:
         raise FingerprintMismatch(f"side_init {path}", diffs)
-    return load_file(str(path)), fp
+    spec = json.loads(meta.get("spec", "{}"))
+    return load_file(str(path)), dict(fp, rope_pairs=spec.get("rope_pairs"))

@@ -37,7 +37,8 @@ def save_side(out: Path, net: SideNetwork, cfg, store, init_info: dict):
     fp = store.fingerprint
     atomic_json(out / SIDE_CONFIG, {"spec": json.loads(net.spec.to_json()), "backbone": cfg.backbone,
                                      "backbone_sha256": fp["backbone_sha256"], "task": cfg.task,
-                                     "max_length": fp["max_length"], "init": init_info, "train": to_dict(cfg)})
+                                     "max_length": fp["max_length"], "prompt_format": fp.get("prompt_format", "plain"),
+                                     "init": init_info, "train": to_dict(cfg)})
 
 
 def load_side(run: str | Path, device="cpu") -> tuple[SideNetwork, dict]:

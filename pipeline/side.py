@@ -92,11 +92,20 @@ def make_norm(spec: SideSpec, d: int) -> nn.Module:
     return nn.LayerNorm(d, eps=spec.norm_eps) if spec.family == "encoder" else RMSNorm(d, spec.norm_eps)
 
 
-def rope(x, theta: float, pos=None):
+def rope(x, theta: float, pos=None, pairs=None, head_dim: int = 0):
     """Rotary embedding (rotate-half convention) on (B, H, T, hs); pos (B, T) positions (packed rows restart
-    them per example), default 0..T-1."""
+    them per example, candidate continuations start after their prompt), default 0..T-1.
+
+    Frequencies: `pairs` (a pruned init): the backbone's own frequency of each kept rotary pair, theta^(-2p / head_dim)
+    for pair p of the backbone's head_dim-wide head (HF's inv_freq[p]), so a pruned side head rotates each kept
+    coordinate pair exactly as the backbone rotated it and q.k at init is the backbone's over the kept coordinates
+    (tested against transformers' apply_rotary_pos_emb). Without pairs (random init): a head of hs's own ladder
+    theta^(-2i / hs), which is the backbone's pairs 0, k, 2k, ... for k = head_dim / hs."""
     t, hs = x.shape[-2], x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
+    if pairs is None:
+        inv = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
+    else:
+        inv = 1.0 / (theta ** (torch.tensor(pairs, device=x.device, dtype=torch.int64).float() * 2 / head_dim))
     p = torch.arange(t, device=x.device, dtype=torch.float32) if pos is None else pos.float()[:, None]  # (B, 1, T)
     ang = p[..., None] * inv  # (T, hs/2) or (B, 1, T, hs/2)
     cos, sin = torch.cat([ang, ang], -1).cos().to(x.dtype), torch.cat([ang, ang], -1).sin().to(x.dtype)
@@ -106,9 +115,10 @@ def rope(x, theta: float, pos=None):
 
 class Attention(nn.Module):
     def __init__(self, d: int, n_heads: int, hs: int, bias: bool, out_bias: bool, n_kv_heads: int = 0,
-                 scale: float | None = None, dropout: float = 0.0):
+                 scale: float | None = None, dropout: float = 0.0, rope_pairs=None, rope_head_dim: int = 0):
         super().__init__()
         self.h, self.hkv, self.hs = n_heads, n_kv_heads or n_heads, hs
+        self.rope_pairs, self.rope_head_dim = (tuple(rope_pairs) if rope_pairs else None), rope_head_dim
         self.q = nn.Linear(d, n_heads * hs, bias=bias)
         self.k = nn.Linear(d, self.hkv * hs, bias=bias)
         self.v = nn.Linear(d, self.hkv * hs, bias=bias)
@@ -119,7 +129,10 @@ class Attention(nn.Module):
     def _p(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def forward(self, x, kv=None, bias=None, rope_theta: float | None = None, pos=None):
+    def forward(self, x, kv=None, bias=None, rope_theta: float | None = None, pos=None, past=None, kv_out=None):
+        """past: (k, v) of earlier positions (B, Hkv, S0, hs), keys already rotated, attended before this call's
+        own keys (a KV cache: candidate continuations after their prompt, generation); kv_out: a list that gets
+        this call's (past + own) keys and values appended."""
         B, T, _ = x.shape
         src = x if kv is None else kv
         S = src.shape[1]
@@ -127,7 +140,12 @@ class Attention(nn.Module):
         k = self.k(src).view(B, S, self.hkv, self.hs).transpose(1, 2)  # (B, Hkv, S, hs)
         v = self.v(src).view(B, S, self.hkv, self.hs).transpose(1, 2)
         if rope_theta is not None:
-            q, k = rope(q, rope_theta, pos), rope(k, rope_theta, pos)
+            q = rope(q, rope_theta, pos, self.rope_pairs, self.rope_head_dim)
+            k = rope(k, rope_theta, pos, self.rope_pairs, self.rope_head_dim)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, Hkv, S0 + S, hs)
+        if kv_out is not None:
+            kv_out.append((k, v))
         if self.hkv != self.h:
             k = k.repeat_interleave(self.h // self.hkv, dim=1)
             v = v.repeat_interleave(self.h // self.hkv, dim=1)
@@ -176,14 +194,15 @@ class Block(nn.Module):
     """One side transformer block at width d/r, in the backbone family's own arrangement:
     T5 / decoder-only: pre-norm residual (self-attn, [cross-attn], FF); BERT: post-norm."""
 
-    def __init__(self, spec: SideSpec, cross: bool):
+    def __init__(self, spec: SideSpec, cross: bool, j: int = 0):
         super().__init__()
         d, f = spec.side_d, spec.family
         self.post_norm = f == "encoder"
         scale = 1.0 if f == "t5" else None  # T5 folds 1/sqrt(d_kv) into its weights
         bias = f == "encoder"
+        pairs = spec.rope_pairs[j] if spec.rope_pairs else None  # decoder-only: block j's kept rotary pairs
         self.attn = Attention(d, spec.n_heads, spec.side_kv, bias or spec.qkv_bias, bias, spec.n_kv_heads, scale,
-                              spec.attn_dropout)
+                              spec.attn_dropout, pairs, spec.d_kv)
         self.norm_attn = make_norm(spec, d)
         self.cross = Attention(d, spec.n_heads, spec.side_kv, False, False, 0, scale, spec.attn_dropout) if cross else None
         self.norm_cross = make_norm(spec, d) if cross else None
@@ -192,11 +211,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(spec.dropout)
         self.rope_theta = spec.rope_theta if f == "decoder" else None
 
-    def forward(self, x, bias, enc=None, enc_bias=None, pos=None):
+    def forward(self, x, bias, enc=None, enc_bias=None, pos=None, past=None, kv_out=None):
         if self.post_norm:
             x = self.norm_attn(x + self.drop(self.attn(x, bias=bias)))
             return self.norm_ff(x + self.drop(self.ff(x)))
-        x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta, pos=pos))
+        x = x + self.drop(self.attn(self.norm_attn(x), bias=bias, rope_theta=self.rope_theta, pos=pos, past=past,
+                                    kv_out=kv_out))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
         return x + self.drop(self.ff(self.norm_ff(x)))
@@ -216,7 +236,7 @@ class AdapterBlock(nn.Module):
     """Ablation (supplement Table 1): a two-layer bottleneck instead of a transformer block. The T5
     side decoder keeps its cross-attention, or it could not see the input at all."""
 
-    def __init__(self, spec: SideSpec, cross: bool):
+    def __init__(self, spec: SideSpec, cross: bool, j: int = 0):
         super().__init__()
         d = spec.side_d
         self.norm_ff = make_norm(spec, d)
@@ -226,10 +246,40 @@ class AdapterBlock(nn.Module):
         self.norm_cross = make_norm(spec, d) if cross else None
         self.drop = nn.Dropout(spec.dropout)
 
-    def forward(self, x, bias, enc=None, enc_bias=None, pos=None):
+    def forward(self, x, bias, enc=None, enc_bias=None, pos=None, past=None, kv_out=None):
+        if kv_out is not None:
+            kv_out.append(None)  # no self-attention: positions never see each other, nothing to cache
         if self.cross is not None:
             x = x + self.drop(self.cross(self.norm_cross(x), kv=enc, bias=enc_bias))
         return x + self.drop(self.ff(self.norm_ff(x)))
+
+
+class LowRankDown(nn.Module):
+    """QST's downsampler (Zhang et al. 2024; YouAreSpecialToMe/QST, QSTConfig.py `AdapterLinear`, with the settings
+    of its qst.py / glue_qst.py: activation "swish", add_layer_norm_after_adapter=True, before=False, no biases):
+    d -> k -> d/r through SiLU, then a LayerNorm over d/r; k = peft_hidden_size (16 there). Parameters:
+    d*k + k*d/r + 2*d/r instead of the linear ladder's (d + 1)*d/r. Both matrices kaiming-uniform, as there
+    (nn.Linear's default init)."""
+
+    def __init__(self, d: int, ds: int, k: int):
+        super().__init__()
+        self.a = nn.Linear(d, k, bias=False)
+        self.b = nn.Linear(k, ds, bias=False)
+        self.norm = nn.LayerNorm(ds)
+
+    @property
+    def weight(self):  # the dtype/device probe callers use on a Linear ladder
+        return self.a.weight
+
+    def forward(self, x):
+        return self.norm(self.b(F.silu(self.a(x))))
+
+
+def make_down(spec: SideSpec) -> nn.Module:
+    """A ladder's down-projection d -> d/r: LST's Linear with bias (official code), or QST's low-rank one."""
+    if spec.downsampler == "lowrank":
+        return LowRankDown(spec.d_model, spec.side_d, spec.downsampler_rank)
+    return nn.Linear(spec.d_model, spec.side_d)
 
 
 class SideStack(nn.Module):
@@ -238,15 +288,15 @@ class SideStack(nn.Module):
     def __init__(self, spec: SideSpec, stack: str, cross: bool):
         super().__init__()
         self.spec = spec
-        n, d, ds = len(spec.layers_of(stack)), spec.d_model, spec.side_d
+        n, ds = len(spec.layers_of(stack)), spec.side_d
         block = AdapterBlock if spec.variant == "adapter" else Block
-        self.blocks = nn.ModuleList([block(spec, cross) for _ in range(n)])
+        self.blocks = nn.ModuleList([block(spec, cross, j) for j in range(n)])
         self.emb_drop = nn.Dropout(spec.emb_dropout)
-        self.first_down = nn.Linear(d, ds)  # ladder of the embedding output
+        self.first_down = make_down(spec)  # ladder of the embedding output
         self.uses_ladders = spec.uses_ladders
         self.fuse_after = spec.variant == "fuse_after"
         if self.uses_ladders:
-            self.downs = nn.ModuleList([nn.Linear(d, ds) for _ in range(n)])  # Linear with bias, as the official code
+            self.downs = nn.ModuleList([make_down(spec) for _ in range(n)])  # Linear with bias, as the official code
         if spec.variant in ("ladder", "fuse_after", "adapter"):
             self.alpha = nn.Parameter(torch.zeros(n))  # mu = sigmoid(0 / T) = 0.5 at init
         if spec.variant == "cross_attention":
@@ -266,15 +316,16 @@ class SideStack(nn.Module):
             return mu[j] * x + (1 - mu[j]) * h
         return x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
 
-    def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None, pos=None):
-        """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states; pos: packed
-        positions (decoder-only RoPE)."""
+    def forward(self, emb, ladders: list, bias, enc=None, enc_bias=None, pos=None, past=None, kv_out=None):
+        """emb: (B, T, d) embedding output; ladders: per kept layer (B, T, d) backbone states; pos: positions
+        (decoder-only RoPE: packed rows, continuations); past / kv_out: per block, a KV cache to attend after /
+        a list collecting each block's keys and values (decoder-only; see Attention.forward)."""
         x = self.first_down(self.emb_drop(emb.to(self.first_down.weight.dtype)))  # (B, T, d/r)
         mu = self.gates() if hasattr(self, "alpha") else None
         for j, blk in enumerate(self.blocks):
             if self.uses_ladders and not self.fuse_after:
                 x = self.fuse(j, x, ladders[j], bias, mu)  # ladder first, then the block (official order)
-            x = blk(x, bias, enc, enc_bias, pos)
+            x = blk(x, bias, enc, enc_bias, pos, past=None if past is None else past[j], kv_out=kv_out)
             if self.fuse_after:
                 x = self.fuse(j, x, ladders[j], bias, mu)
         return self.final_drop(self.final_norm(x) if self.final_norm is not None else x)
@@ -348,6 +399,24 @@ def last_slots(batch, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=seg.device).scatter_reduce(0, seg[valid], flat[valid], "amax")
 
 
+def example_slots(batch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, L) flat slot (into R * P, or B * T) of each example's tokens in order, and (n, L) bool: a real token.
+    L = the longest example; padded batches give slot e * T + t, packed ones gather each example's slots."""
+    if batch.seg is None:
+        B, T = batch.src_mask.shape
+        idx = torch.arange(B * T, device=batch.src_mask.device).view(B, T)
+        return idx[:n], batch.src_mask[:n]
+    seg, pos = batch.seg.reshape(-1), batch.pos.reshape(-1)
+    valid = seg >= 0
+    L = int(pos[valid].max()) + 1
+    idx = torch.zeros(n, L, dtype=torch.long, device=seg.device)
+    mask = torch.zeros(n, L, dtype=torch.bool, device=seg.device)
+    flat = torch.arange(seg.shape[0], device=seg.device)
+    idx[seg[valid], pos[valid]] = flat[valid]
+    mask[seg[valid], pos[valid]] = True
+    return idx, mask
+
+
 def example_rows(batch, n: int) -> torch.Tensor:
     """(n,) packed row that holds each example."""
     R, P = batch.seg.shape
@@ -383,7 +452,7 @@ def relative_buckets(rel, bidirectional: bool, num_buckets: int, max_distance: i
 class SideOutput:
     loss: torch.Tensor | None
     scores: torch.Tensor | None  # (B, C) class logits / candidate log-likelihoods, or (B, 1) regression
-    terms: torch.Tensor | int = 0  # how many terms `loss` is the mean of: examples, or T5 target tokens
+    terms: torch.Tensor | int = 0  # how many terms `loss` is the mean of: examples, or target / answer tokens
 
 
 class SideNetwork(nn.Module):
@@ -491,6 +560,7 @@ class SideNetwork(nn.Module):
             emb = self._embed(ids)
         bias = self._src_bias(batch)
         selective = self.training and s.select_k > 0
+        kvs = None
         if selective and packed:
             raise ConfigError("select_k: token-selective training takes padded batches; turn packing off")
         if selective:  # token-selective training: only k source positions keep activations for backward
@@ -499,7 +569,8 @@ class SideNetwork(nn.Module):
             if s.family == "t5":  # the side decoder sees every position; only the selected carry grad
                 x = x.scatter(1, sel[..., None].expand(-1, -1, x.shape[-1]), x_sel)
         else:
-            x = self.src(emb, ladders, bias, pos=batch.pos if packed else None)  # (B, T, d/r)
+            kvs = [] if s.continuation else None  # decoder-only: the prompt's KV cache for the candidate pass
+            x = self.src(emb, ladders, bias, pos=batch.pos if packed else None, kv_out=kvs)  # (B, T, d/r)
         n_ex = batch.labels.shape[0] if batch.labels is not None else (
             int(batch.seg.max()) + 1 if packed else ids.shape[0])
 
@@ -524,15 +595,7 @@ class SideNetwork(nn.Module):
             return SideOutput(self._head_loss(scores, batch.labels), scores, n_ex)
 
         if s.family == "decoder":
-            flat = x.reshape(-1, x.shape[-1])
-            last = last_slots(batch, n_ex)  # (B,) flat index of each example's last token
-            h = self.up(flat[last])  # (B, d)
-            if s.mixes_final:
-                h_last = self._last_state(batch.states, SRC)
-                h = self._late(h, h_last.reshape(-1, h_last.shape[-1])[last])
-            verb = torch.tensor(s.verbalizer_ids, device=h.device)
-            logits = self._lm_logits(h)[:, verb]  # (B, C): classification by verbalizer tokens
-            return SideOutput(self._head_loss(logits, batch.labels), logits, n_ex)
+            return self._decoder_head(batch, x, kvs, n_ex)
 
         # T5: side decoder over each target row, cross-attending to its source example's side encoder output
         rows = batch.tgt_row  # (N,) which example each target row belongs to
@@ -557,6 +620,101 @@ class SideNetwork(nn.Module):
         scores = seq_ll.view(-1, batch.n_candidates) if batch.n_candidates else None
         return SideOutput(loss, scores, terms)
 
+    # -- decoder-only: candidate log-likelihoods, answer loss, generation
+    def _decoder_head(self, batch, x, kvs, n_ex) -> SideOutput:
+        s = self.spec
+        if s.kind == "generation":
+            return self._answer_loss(batch, x, n_ex)
+        flat = x.reshape(-1, x.shape[-1])
+        last = last_slots(batch, n_ex)  # (n,) flat slot of each example's last prompt token
+        rows = batch.tgt_row  # (N,) example of each candidate row
+        h_last = self._last_state(batch.states, SRC) if s.mixes_final else None
+        pieces = [self._mix(self.up(flat[last]), h_last, last)[rows][:, None]]  # (N, 1, d): scores token 0
+        if batch.tgt_ids.shape[1]:  # candidates longer than one token: their positions after the prompt
+            y = self._continue(batch, kvs, rows, n_ex)  # (N, U, d/r)
+            t_last = self._last_state(batch.states, TGT) if s.mixes_final else None
+            pieces.append(self._mix(self.up(y), t_last))
+        logits = self._lm_logits(torch.cat(pieces, 1)).float()  # (N, U + 1, V)
+        tok_nll = F.cross_entropy(logits.transpose(1, 2), batch.tgt_labels, ignore_index=-100, reduction="none")
+        terms = (batch.tgt_labels != -100).sum()
+        loss = tok_nll.sum() / terms.clamp(min=1)
+        seq_ll = -tok_nll.sum(1)  # (N,) log p(candidate | prompt), every token of it
+        scores = seq_ll.view(-1, batch.n_candidates) if batch.n_candidates else None
+        return SideOutput(loss, scores, terms)
+
+    def _mix(self, h, h_last, index=None):
+        """mix_final on the up-projected side output h; h_last (.., d) the backbone's last-layer states at the same
+        positions (flat slots `index` of them when given)."""
+        if h_last is None:
+            return h
+        if index is not None:
+            h_last = h_last.reshape(-1, h_last.shape[-1])[index]
+        return self._late(h, h_last)
+
+    def _continue(self, batch, kvs, rows, n_ex: int):
+        """The side stack over each candidate's tokens, attending to its example's prompt through the prompt
+        pass's keys and values (a KV cache): the same computation as one causal pass over prompt + candidate,
+        without repeating the prompt per candidate (tested against that)."""
+        idx, ex_mask = example_slots(batch, n_ex)  # (n, L) slot of each token of each example
+        past = []
+        for kv in kvs:
+            if kv is None:
+                past.append(None)
+                continue
+            k, v = kv  # (R, Hkv, P, hs)
+            R, H, P, hs = k.shape
+
+            def per_example(t):
+                t = t.transpose(1, 2).reshape(R * P, H, hs)[idx]  # (n, L, Hkv, hs)
+                return t.transpose(1, 2)[rows]  # (N, Hkv, L, hs)
+            past.append((per_example(k), per_example(v)))
+        t_ids = batch.tgt_ids  # (N, U); padded candidate slots come after real ones, so the causal mask hides them
+        U = t_ids.shape[1]
+        start = ex_mask.long().sum(1)[rows]  # (N,) prompt length: the candidate's first position
+        pos = start[:, None] + torch.arange(U, device=t_ids.device)[None, :]
+        prompt_keys = pad_bias(ex_mask[rows]).expand(-1, -1, U, -1)  # (N, 1, U, L)
+        own = causal_bias(U, t_ids.device).expand(t_ids.shape[0], -1, -1, -1)  # (N, 1, U, U)
+        bias = torch.cat([prompt_keys, own], -1)
+        _, ladders = self._ladders(batch.states, TGT)
+        return self.src(self._embed(t_ids), ladders, bias, pos=pos, past=past)
+
+    def _answer_loss(self, batch, x, n_ex) -> SideOutput:
+        """Generation: causal-LM loss on the answer tokens (batch.lm_labels), averaged over them. Scores (n, 3) per
+        example: [1 if every answer token is the argmax (greedy decoding reproduces the answer exactly), summed
+        answer NLL, answer tokens]."""
+        h = self._mix(self.up(x), self._last_state(batch.states, SRC) if self.spec.mixes_final else None)
+        logits = self._lm_logits(h).float()  # (R, P, V)
+        labels = batch.lm_labels
+        tok_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (R, P)
+        is_ans = labels != -100
+        terms = is_ans.sum()
+        loss = tok_nll.sum() / terms.clamp(min=1)
+        wrong = ((logits.argmax(-1) != labels) & is_ans).float()
+        seg = batch.seg if batch.seg is not None else torch.where(
+            batch.src_mask, torch.arange(x.shape[0], device=x.device)[:, None], -1)
+        ex = seg.clamp(min=0).reshape(-1)
+
+        def per_example(t):
+            return t.new_zeros(n_ex).index_add(0, ex, (t * (seg >= 0)).reshape(-1))
+        scores = torch.stack([(per_example(wrong) == 0).float(), per_example(tok_nll), per_example(is_ans.float())], 1)
+        return SideOutput(loss, scores, terms)
+
+    @torch.no_grad()
+    def step_logits(self, ids, states: dict, pos: int, cache: list | None) -> tuple[torch.Tensor, list]:
+        """Incremental decoding (decoder-only): logits (B, T, V) of new tokens ids (B, T) at positions pos..pos+T-1,
+        with their backbone states {name: (B, T, d)}, attending to `cache` (per block (k, v) of the earlier
+        positions, None at the start). Returns the logits and the cache extended by these positions."""
+        T = ids.shape[1]
+        past = cache
+        S0 = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]
+        bias = torch.cat([torch.zeros(1, 1, T, S0, device=ids.device), causal_bias(T, ids.device)], -1)
+        p = torch.arange(pos, pos + T, device=ids.device)[None, :].expand(ids.shape[0], -1)
+        _, ladders = self._ladders(states, SRC)
+        kv_out: list = []
+        x = self.src(self._embed(ids), ladders, bias, pos=p, past=past, kv_out=kv_out)
+        h = self._mix(self.up(x), self._last_state(states, SRC) if self.spec.mixes_final else None)
+        return self._lm_logits(h).float(), kv_out
+
     def _head_loss(self, scores, labels):
         if labels is None:
             return None
@@ -566,13 +724,17 @@ class SideNetwork(nn.Module):
 
 
 def build_side(spec: SideSpec, frozen, init: str, seed: int, weights=None, importance=None) -> SideNetwork:
-    """A side network: random init, then (magnitude / Fisher) the pruned backbone tensors copied in."""
-    torch.manual_seed(seed)
-    net = SideNetwork(spec, frozen)
+    """A side network: random init, then (magnitude / Fisher) the pruned backbone tensors copied in (decoder-only:
+    with the kept rotary pairs recorded in the spec, spec.rope_pairs)."""
+    sd = None
     if init != "random":
         if weights is None:
             raise ConfigError(f"init: {init} needs the backbone weights (or a side_init file)")
-        sd, _ = prune.pruned_state(spec, weights, importance if importance is not None else weights)
+        sd, idx = prune.pruned_state(spec, weights, importance if importance is not None else weights)
+        spec.rope_pairs = prune.rope_pairs(spec, idx)
+    torch.manual_seed(seed)
+    net = SideNetwork(spec, frozen)
+    if sd is not None:
         missing = set(sd) - set(net.state_dict())
         if missing:
             raise ConfigError(f"internal: pruned tensors without a side parameter: {sorted(missing)[:5]}")

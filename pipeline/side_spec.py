@@ -24,7 +24,7 @@ class SideSpec:
     layers: list[int]  # kept side layers, 0-based backbone layer indices (T5: the encoder's)
     r: int = 8
     variant: str = "ladder"
-    kind: str = "classification"  # or regression
+    kind: str = "classification"  # or regression, or generation (decoder-only)
     num_labels: int = 2
     act: str = "relu"  # relu | gelu | gated-gelu | silu (SwiGLU)
     norm_eps: float = 1e-6
@@ -35,7 +35,7 @@ class SideSpec:
     rel_max_distance: int = 128
     rope_theta: float = 10000.0
     tie_scale: bool = True  # T5 tied head: scale the final hidden state by d_model^-0.5
-    verbalizer_ids: list[int] = field(default_factory=list)  # decoder-only: first token of each verbalizer
+    verbalizer_ids: list = field(default_factory=list)  # decoder-only: token ids of each verbalizer (a list per class)
     dropout: float = 0.1  # each residual branch (T5 dropout_rate = 0.1, official side net)
     select_k: int = 0  # token-selective training: gradients through k random source positions (+ the first)
     dec_layers: list[int] | None = None  # T5 side decoder's kept layers (None: the same as `layers`)
@@ -44,8 +44,12 @@ class SideSpec:
     emb_dropout: float = 0.1  # embedding output, before the first ladder
     final_dropout: float = 0.1  # after the side stack's final norm
     mix_final: bool = False  # QST-style: up(side) mixed with the backbone's final state by a learned gate
+    downsampler: str = "linear"  # ladder down-projections: linear (LST) or lowrank (QST, pipeline/side.py LowRankDown)
+    downsampler_rank: int = 16  # lowrank: inner width (QST's peft_hidden_size)
+    rope_pairs: list | None = None  # decoder-only pruned init: per side block, the backbone rotary pairs it kept
 
     def __post_init__(self):
+        self.verbalizer_ids = [[int(v)] if isinstance(v, int) else [int(t) for t in v] for v in self.verbalizer_ids]
         for name, size in (("d_model", self.d_model), ("d_ff", self.d_ff), ("head size d_kv", self.d_kv)):
             if size % self.r:
                 raise ConfigError(f"r: {self.r} does not divide the backbone's {name} ({size}); pick r dividing it")
@@ -73,6 +77,20 @@ class SideSpec:
                               f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")
         if self.select_k < 0:
             raise ConfigError(f"select_k: must be 0 (off) or a positive number of positions, got {self.select_k}")
+        if self.family == "decoder" and self.side_kv % 2:
+            raise ConfigError(f"r: {self.r} leaves side heads of {self.side_kv} dims (head_dim {self.d_kv} / r); rotary "
+                              "embeddings rotate pairs of dims, so pick r with an even head_dim / r")
+        if self.kind == "generation" and self.family != "decoder":
+            raise ConfigError(f"task: generation (free-text targets) needs a decoder-only backbone, not {self.family}")
+        if self.variant == "cross_attention" and (self.continuation or self.kind == "generation"):
+            raise ConfigError("variant: cross_attention reads ladders across positions, so it cannot continue a prompt "
+                              "from a cache of its keys; with multi-token verbalizers or a generation task pick "
+                              "another variant")
+        if self.rope_pairs is not None:
+            self.rope_pairs = [[int(p) for p in ps] for ps in self.rope_pairs]
+            if len(self.rope_pairs) != len(self.layers) or any(len(ps) != self.side_kv // 2 for ps in self.rope_pairs):
+                raise ConfigError(f"side init: rope_pairs must list {self.side_kv // 2} rotary pairs for each of the "
+                                  f"{len(self.layers)} side layers; the side_init file does not match this side net")
 
     @property
     def side_d(self) -> int:
@@ -93,6 +111,20 @@ class SideSpec:
     def layers_of(self, stack: str) -> list[int]:
         """Kept backbone layers of one stack (the T5 decoder may keep its own list)."""
         return self.dec_layers if stack == TGT and self.dec_layers is not None else self.layers
+
+    @property
+    def continuation(self) -> bool:
+        """Decoder-only classification with a verbalizer longer than one token: the side net also runs over the
+        candidate positions after the prompt (their states are the store's tgt_* arrays)."""
+        return self.family == "decoder" and self.kind != "generation" and any(len(v) > 1 for v in self.verbalizer_ids)
+
+    @property
+    def read_states(self) -> list[str]:
+        """Every backbone state this side net reads, sorted (what a batch must carry)."""
+        names = {n for st in self.stacks for n in self.state_names(st)}
+        if self.continuation:  # the same layers at the candidate positions
+            names |= {TGT + n[len(SRC):] for n in self.state_names(SRC)}
+        return sorted(names)
 
     @property
     def uses_ladders(self) -> bool:
@@ -130,7 +162,8 @@ DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_
 
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
                      verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0, dec_layers="same",
-                     mix_final: bool = False, **site_dropout) -> SideSpec:
+                     mix_final: bool = False, downsampler: str = "linear", downsampler_rank: int = 16,
+                     **site_dropout) -> SideSpec:
     """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
     list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
     is the rate at every dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
@@ -171,5 +204,5 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
     return SideSpec(family=family, r=r, layers=keep, variant=variant, kind=kind,
                     num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
                     vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids),
-                    select_k=select_k, dec_layers=dec, mix_final=bool(mix_final), **rates,
-                    **base)
+                    select_k=select_k, dec_layers=dec, mix_final=bool(mix_final), downsampler=downsampler,
+                    downsampler_rank=int(downsampler_rank), **rates, **base)

@@ -25,24 +25,33 @@ from pipeline.errors import ConfigError, DataError
 class Example:
     text_a: str
     text_b: str | None
-    label: float  # class index for classification
+    label: float  # class index for classification (0 for generation)
+    target: str | None = None  # generation: the answer text
 
 
 @dataclass
 class Task:
     name: str
-    kind: str  # "classification" | "regression"
-    label_names: list[str]  # classification: one per class; regression: []
+    kind: str  # "classification" | "regression" | "generation" (decoder-only: the label is free text)
+    label_names: list[str]  # classification: one per class; regression, generation: []
     verbalizers: list[str]  # T5 / decoder-only targets, one per class (regression: rounded bins)
     prompt: str  # T5 prefix, e.g. "sst2"
     field_names: tuple[str, ...] = ("sentence",)
     metric: str = "accuracy"  # the paper's headline metric for the task
     loader: Callable[[Path, int], dict[str, list[Example]]] | None = field(default=None, repr=False)
     regression_bins: list[float] = field(default_factory=list)  # value of each verbalizer (regression)
+    instruction: str = ""  # the question a chat prompt asks (pipeline/prompting.py); "" = name the answers
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names) if self.kind == "classification" else 1
+
+    def instruction_text(self) -> str:
+        if self.instruction:
+            return self.instruction
+        if self.verbalizers:
+            return f"Answer with one of: {', '.join(self.verbalizers)}."
+        return "Answer the following."
 
     def load(self, data_dir: str | Path, seed: int = 0) -> dict[str, list[Example]]:
         splits = self.loader(Path(data_dir), seed)
@@ -70,7 +79,11 @@ class Task:
 
 def check_targets(task: Task, family: str) -> None:
     """T5 and decoder-only backbones score a regression task as one verbalizer per bin (T5 casts STS-B as 26
-    classes); encoder backbones regress with a head and need no bins."""
+    classes); encoder backbones regress with a head and need no bins. Free-text targets (generation) are for
+    decoder-only backbones."""
+    if task.kind == "generation" and family != "decoder":
+        raise ConfigError(f"task {task.name}: a generation task (free-text targets) needs a decoder-only backbone, "
+                          f"not a {family} one")
     if task.kind == "regression" and family != "encoder" and not task.regression_bins:
         raise ConfigError(f"task {task.name}: regression_bins is empty; a {family} backbone scores regression as one "
                           "verbalizer per bin: add regression_bins to the task file, or use an encoder backbone")
@@ -80,6 +93,8 @@ def validate_examples(task: Task, split: str, examples: list[Example]) -> None:
     if not examples:
         raise DataError(f"task {task.name}: split '{split}' is empty; check the data files or --limit")
     for i, ex in enumerate(examples):
+        if task.kind == "generation" and (not isinstance(ex.target, str) or not ex.target.strip()):
+            raise DataError(f"task {task.name}: split '{split}' row {i} has an empty target text; remove or fill it")
         if not isinstance(ex.text_a, str) or not ex.text_a.strip():
             raise DataError(f"task {task.name}: split '{split}' row {i} has empty text; remove or fill it")
         if ex.text_b is not None and not ex.text_b.strip():
@@ -99,7 +114,8 @@ def validate_examples(task: Task, split: str, examples: list[Example]) -> None:
 def content_hash(examples: list[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.text_a, ex.text_b, float(ex.label)]).encode())
+        row = [ex.text_a, ex.text_b, float(ex.label)] + ([ex.target] if ex.target is not None else [])
+        h.update(json.dumps(row).encode())
     return h.hexdigest()[:16]
 
 
@@ -213,6 +229,7 @@ def _glue_loader(name: str, fields: tuple[str, ...], small: bool):
     return load
 
 
+SENTIMENT = "Is this movie review negative or positive? Answer with one word: negative or positive."
 STSB_BINS = [round(0.2 * i, 1) for i in range(26)]  # T5 casts STS-B as 26 classes, 0.0..5.0 step 0.2
 RATING_BINS = [round(-4 + 0.5 * i, 1) for i in range(17)]
 
@@ -220,16 +237,24 @@ RATING_BINS = [round(-4 + 0.5 * i, 1) for i in range(17)]
 def registry() -> dict[str, Task]:
     tasks = {
         "rt-sentiment": Task("rt-sentiment", "classification", ["negative", "positive"], ["negative", "positive"],
-                             "sst2", loader=_frame_loader("rt_snippets", offline_data.rt_snippets, "text", _rt_binary)),
+                             "sst2", loader=_frame_loader("rt_snippets", offline_data.rt_snippets, "text", _rt_binary),
+                             instruction=SENTIMENT),
         "rt-rating": Task("rt-rating", "regression", [], [str(b) for b in RATING_BINS], "rating",
                           metric="pearson_spearman_mean", regression_bins=RATING_BINS,
-                          loader=_frame_loader("rt_snippets", offline_data.rt_snippets, "text", _rt_rating)),
+                          loader=_frame_loader("rt_snippets", offline_data.rt_snippets, "text", _rt_rating),
+                          instruction="Rate this movie review from -4.0 (very negative) to 4.0 (very positive) in "
+                                      "steps of 0.5. Answer with the number only."),
         "pang-lee": Task("pang-lee", "classification", ["negative", "positive"], ["negative", "positive"], "sst2",
-                         loader=_frame_loader("pang_lee", offline_data.pang_lee, "text", _plus_minus)),
+                         loader=_frame_loader("pang_lee", offline_data.pang_lee, "text", _plus_minus),
+                         instruction=SENTIMENT),
         "hedge-conll2010": Task("hedge-conll2010", "classification", ["label_-1", "label_1"], ["no", "yes"], "hedge",
-                                loader=_frame_loader("hedge_conll2010", offline_data.hedge_conll2010, "text", _plus_minus)),
+                                loader=_frame_loader("hedge_conll2010", offline_data.hedge_conll2010, "text", _plus_minus),
+                                instruction="Does this sentence hedge, that is, express uncertainty or speculation "
+                                            "rather than a fact? Answer with one word: yes or no."),
         "bbc-topics": Task("bbc-topics", "classification", BBC_TOPICS, BBC_TOPICS, "topic", field_names=("article",),
-                           loader=_frame_loader("bbc_topics", offline_data.bbc_topics, "text", _bbc)),
+                           loader=_frame_loader("bbc_topics", offline_data.bbc_topics, "text", _bbc),
+                           instruction="Which topic is this news article about: business, entertainment, politics, "
+                                       "sports or tech? Answer with one word."),
     }
     for name, (fields, labels, verb, metric, small) in GLUE.items():
         kind = "regression" if name == "stsb" else "classification"
@@ -281,12 +306,13 @@ def local_task(spec_path: str | Path) -> Task:
     """A task described by a YAML file:
 
     name: my-task
-    kind: classification          # or regression
+    kind: classification          # or regression, or generation (decoder-only: the label column is free text)
     text_columns: [sentence]      # one or two
     label_column: label
     label_names: [neg, pos]       # classification: index i <-> name; values in the file may be names or indices
     verbalizers: [negative, positive]   # optional, default label_names
     prompt: "sst2"      # optional
+    instruction: "Is this review negative or positive?"   # optional: the question of a chat prompt
     files: {train: train.csv, validation: dev.csv, test: test.csv}   # paths relative to the YAML file
     """
     spec_path = Path(spec_path)
@@ -298,8 +324,8 @@ def local_task(spec_path: str | Path) -> Task:
         if key not in spec:
             raise ConfigError(f"task file {spec_path}: missing key '{key}'")
     kind = spec["kind"]
-    if kind not in ("classification", "regression"):
-        raise ConfigError(f"task file {spec_path}: kind {kind!r} is not classification or regression")
+    if kind not in ("classification", "regression", "generation"):
+        raise ConfigError(f"task file {spec_path}: kind {kind!r} is not classification, regression or generation")
     text_cols = list(spec["text_columns"])
     if not 1 <= len(text_cols) <= 2:
         raise ConfigError(f"task file {spec_path}: text_columns must list one or two columns, got {text_cols}")
@@ -316,6 +342,12 @@ def local_task(spec_path: str | Path) -> Task:
             for col in text_cols + [label_col]:
                 if col not in df.columns:
                     raise DataError(f"{spec_path.parent / rel}: missing column '{col}' (has: {', '.join(map(str, df.columns))})")
+            # an empty cell reads as NaN: it becomes "" (and is refused by validate_examples), never "nan"
+            b = [_cell_text(x) for x in df[text_cols[1]].tolist()] if len(text_cols) > 1 else [None] * len(df)
+            a = [_cell_text(x) for x in df[text_cols[0]].tolist()]
+            if kind == "generation":
+                out[split] = [Example(x, y, 0.0, _cell_text(t)) for x, y, t in zip(a, b, df[label_col].tolist())]
+                continue
             labels = []
             for i, v in enumerate(df[label_col].tolist()):
                 if kind == "classification" and isinstance(v, str) and v in label_names:
@@ -324,17 +356,15 @@ def local_task(spec_path: str | Path) -> Task:
                     labels.append(float(v))
                 except (TypeError, ValueError):
                     raise DataError(f"{rel}: row {i} label {v!r} is not in {label_names}")
-            # an empty cell reads as NaN: it becomes "" (and is refused by validate_examples), never "nan"
-            b = [_cell_text(x) for x in df[text_cols[1]].tolist()] if len(text_cols) > 1 else [None] * len(df)
-            a = [_cell_text(x) for x in df[text_cols[0]].tolist()]
             out[split] = [Example(x, y, l) for x, y, l in zip(a, b, labels)]
         return out
 
-    return Task(spec.get("name", spec_path.stem), kind, label_names,
+    metric = {"classification": "accuracy", "regression": "pearson_spearman_mean", "generation": "exact_match"}[kind]
+    return Task(spec.get("name", spec_path.stem), kind, label_names if kind != "generation" else [],
+                [] if kind == "generation" else
                 [str(v) for v in spec.get("verbalizers", label_names or [str(b) for b in bins])],
-                spec.get("prompt", ""), field_names=tuple(text_cols),
-                metric=spec.get("metric", "accuracy" if kind == "classification" else "pearson_spearman_mean"),
-                loader=load, regression_bins=bins)
+                spec.get("prompt", ""), field_names=tuple(text_cols), metric=spec.get("metric", metric),
+                loader=load, regression_bins=bins, instruction=str(spec.get("instruction", "")))
 
 
 def get_task(name: str) -> Task:

@@ -28,8 +28,8 @@ from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.evaluate import score_store
 from pipeline.ladder_store import LadderStore
 from pipeline.layout import SRC, TGT
-from pipeline.metrics import predictions, task_metrics
-from pipeline.padding import decoder_inputs
+from pipeline.metrics import scores_metrics
+from pipeline.padding import candidate_inputs
 from pipeline.plots import curves_png
 from pipeline.progress import Progress
 from pipeline.run_folder import (
@@ -65,8 +65,8 @@ class BackboneFeed:
         if self.bb.sha256 != store.fingerprint["backbone_sha256"]:
             raise ConfigError(f"backbone: {cfg.backbone} is not the backbone the cache {store.path} was made with")
         self.dropout = cfg.backbone_dropout  # official code: the frozen backbone runs in train mode
-        self.cand = (decoder_inputs(store.cand, int(store.fingerprint["decoder_start_token_id"]))
-                     if self.bb.family == "t5" else None)
+        self.cand = (candidate_inputs(self.bb.family, store.cand, int(store.fingerprint["decoder_start_token_id"]))
+                     if store.cand else None)
 
     def __call__(self, batch: LadderBatch, names: list[str], train: bool = False) -> LadderBatch:
         self.bb.model.train(self.dropout and train)
@@ -103,13 +103,13 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
     train, val = stores or open_stores(cfg)
     fp = train.fingerprint
     hf_cfg = bbm.load_config(cfg.backbone)
-    verb = [int(c[0]) for c in train.cand] if fp["family"] == "decoder" else []
+    verb = [[int(t) for t in c] for c in train.cand] if fp["family"] == "decoder" else []
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, fp["task_kind"], int(fp["num_labels"]),
                             verb, select_k=cfg.select_k, dec_layers=cfg.decoder_layer_list, mix_final=cfg.mix_final,
-                            **cfg.dropouts)
+                            downsampler=cfg.downsampler, downsampler_rank=cfg.downsampler_rank, **cfg.dropouts)
     if spec.family != fp["family"]:
         raise ConfigError(f"backbone: {cfg.backbone} is {spec.family}, the cache {train.path} holds {fp['family']} states")
-    names = sorted({n for st in spec.stacks for n in spec.state_names(st)})
+    names = spec.read_states
     missing = [n for n in names if n not in train.names]
     if missing:
         raise StoreError(f"layers: the cache {train.path} lacks states {missing}; cache those layers in stage one "
@@ -121,6 +121,7 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
         tensors, init_fp = prune.load_side_init(cfg.side_init, expect)
         if init_fp.get("init") != cfg.init:
             raise ConfigError(f"init: side_init {cfg.side_init} was made with init={init_fp.get('init')}, config says {cfg.init}")
+        spec.rope_pairs = init_fp.get("rope_pairs")  # decoder-only: the rotary pairs the pruned heads kept
         torch.manual_seed(cfg.seed)
         net = SideNetwork(spec, frozen)
         net.load_state_dict(tensors, strict=False)
@@ -543,8 +544,7 @@ def evaluate_split(net, store, device, cfg, feed=None) -> dict:
     task = get_task(cfg.task)
     scores = score_store(net, store, 256, device, feed=feed, device_budget_mb=cfg.device_cache_mb,
                             pack_len=store.longest if cfg.pack and feed is None else 0)
-    pred = predictions(scores, task.kind, task.regression_bins)
-    return task_metrics(task.kind, pred, store.labels[: len(pred)])
+    return scores_metrics(task, scores, store.labels[: len(scores)])
 
 
 def _write_curves(path: Path, rows: list[dict]):

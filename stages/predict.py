@@ -25,8 +25,10 @@ from stages._cli import user_errors
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda.")
 @click.option("--raw-scores", is_flag=True, help="Also print the raw scores (class logits or candidate "
                                                  "log-likelihoods) behind the probabilities.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int,
+              help="Generation tasks: stop after this many tokens (or at the end token).")
 @user_errors
-def main(input, run, out, batch_size, device, raw_scores):
+def main(input, run, out, batch_size, device, raw_scores, max_new_tokens):
     from pipeline.predict import (  # heavy (torch, transformers): not for --help
         LSTModel,
         read_inputs,
@@ -34,6 +36,8 @@ def main(input, run, out, batch_size, device, raw_scores):
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if input == "-":
         texts = read_inputs(sys.stdin.buffer, "stdin")
     else:
@@ -45,7 +49,7 @@ def main(input, run, out, batch_size, device, raw_scores):
         check_writable(out)
     model = LSTModel(run, device)
     model.check_inputs(texts, "stdin" if input == "-" else input)
-    rows = model.predict(texts, batch_size, raw_scores)
+    rows = model.predict(texts, batch_size, raw_scores, max_new_tokens)
     if out == "-":
         for row in rows:
             click.echo(row)

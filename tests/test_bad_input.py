@@ -52,10 +52,20 @@ def _variant_of(tiny_bert: str, folder: Path, change) -> str:
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_bert, tiny_t5, tmp_path_factory):
+def shared(tiny_bert, tiny_t5, tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
-    s = {"root": root, "bb": tiny_bert, "t5": tiny_t5}
+    s = {"root": root, "bb": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}
+    chat = root / "chat_llama"  # the tiny Llama with a chat template (its tokenizer has none)
+    shutil.copytree(tiny_llama, chat)
+    tc = json.loads((chat / "tokenizer_config.json").read_text())
+    tc["chat_template"] = ("{% for m in messages %}[ {{ m['role'] }} ] {{ m['content'] }} [ end ] {% endfor %}"
+                           "{% if add_generation_prompt %}[ assistant ]{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(tc))
+    s["chat_llama"] = str(chat)
+    s["multi_task"] = str(root / "toy" / "multi.yaml")
     s["task"] = write_task(root / "toy")
+    Path(s["multi_task"]).write_text(Path(s["task"]).read_text().replace(
+        "verbalizers: [negative, positive]", "verbalizers: [very bad, rather good]"))  # two WordPiece tokens each
     s["pair_task"] = write_task(root / "pair", pair=True)
     s["reg_task"] = write_task(root / "reg", kind="regression")
     s["other_task"] = str(root / "toy" / "other.yaml")
@@ -374,7 +384,57 @@ CASES = {
     # -- inspect_cache
     "inspect a folder that is not a store": lambda p, s: Case("inspect_cache", [str(p)], "no ladder store here"),
     "inspect an interrupted store": lambda p, s: Case("inspect_cache", [_interrupted(p, s)], "store is incomplete"),
+    # -- decoder-only prompts, GGUF backbones, generation targets, QST options (issue 12)
+    "prompt_format not a choice": lambda p, s: cache_case(p, s, "--prompt-format", "xml",
+                                                          match="prompt_format: 'xml' is not one of plain, chat"),
+    "chat prompts for an encoder backbone": lambda p, s: cache_case(
+        p, s, "--task", ok_task(p), "--prompt-format", "chat", match="prompt_format: chat formats decoder-only prompts"),
+    "chat prompts, tokenizer without a chat template": lambda p, s: Case("cache_activations", cpu(
+        "--backbone", s["llama"], "--task", ok_task(p), "--splits", "train", "--prompt-format", "chat", "--out",
+        str(p / "out")),
+        "prompt_format: chat needs a tokenizer with a chat template"),
+    "chat template longer than max_length": lambda p, s: Case("cache_activations", cpu(
+        "--backbone", s["chat_llama"], "--task", ok_task(p), "--splits", "train", "--prompt-format", "chat",
+        "--max-length", "12",
+        "--out", str(p / "out")), r"max_length: 12 tokens leave no room for the text: the chat template takes \d+"),
+    "GGUF folder with two files": lambda p, s: Case("cache_activations", cpu(
+        "--backbone", _two_ggufs(p), "--task", ok_task(p), "--out", str(p / "out")), r"holds several GGUF files"),
+    "GGUF file that is not GGUF": lambda p, s: Case("cache_activations", cpu(
+        "--backbone", (p / "m.gguf").write_bytes(b"not a model" * 10) and str(p / "m.gguf"), "--task", ok_task(p),
+        "--out", str(p / "out")), r"m\.gguf is damaged \(it does not start with the GGUF magic bytes\)"),
+    "generation task on an encoder backbone": lambda p, s: cache_case(
+        p, s, "--task", _gen_task(p, "an answer"), match="a generation task .* needs a decoder-only backbone"),
+    "generation task with an empty target": lambda p, s: Case("cache_activations", cpu(
+        "--backbone", s["llama"], "--task", _gen_task(p, None), "--out", str(p / "out")), "row 1 has an empty target text"),
+    "downsampler not a choice": lambda p, s: train_case(p, s, "--downsampler", "conv",
+                                                        match="downsampler: 'conv' is not one of linear, lowrank"),
+    "downsampler_rank 0": lambda p, s: train_case(p, s, "--downsampler-rank", "0", match="downsampler_rank: must be >= 1"),
+    "r leaving odd rotary side heads": lambda p, s: Case("prune_init", cpu(
+        "--backbone", s["llama"], "--task", s["task"], "--r", "8", "--init", "random", "--out", str(p / "i.safetensors")),
+        r"r: 8 leaves side heads of 1 dims .* rotary"),
+    "cross_attention with multi-token verbalizers": lambda p, s: Case("prune_init", cpu(
+        "--backbone", s["llama"], "--task", s["multi_task"], "--r", "2", "--variant", "cross_attention", "--init",
+        "random", "--out", str(p / "i.safetensors")), "variant: cross_attention .* cannot continue a prompt"),
+    "predict --max-new-tokens 0": lambda p, s: predict_case(p, s, "good\n", "--max-new-tokens", "0",
+                                                            match="--max-new-tokens: must be >= 1"),
 }
+
+
+def _two_ggufs(p):
+    from pipeline.backbone import SMOLLM2, resolve
+
+    (p / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (p / "two" / name).symlink_to(resolve(SMOLLM2))
+    return str(p / "two")
+
+
+def _gen_task(p, answer):
+    pd.DataFrame([{"sentence1": "fine", "answer": "yes"}, {"sentence1": "bad", "answer": answer}]).to_csv(
+        p / "gen.csv", index=False)
+    (p / "g.yaml").write_text("kind: generation\ntext_columns: [sentence1]\nlabel_column: answer\n"
+                              "files: {train: gen.csv, validation: gen.csv, test: gen.csv}\n")
+    return str(p / "g.yaml")
 
 
 def _nan_target(p, s):
@@ -468,11 +528,17 @@ def test_predict_keeps_one_record_per_input_line(shared, tmp_path):
     assert [r["text"] for r in rows] == ["good film", "bad plot"]
 
 
-def test_the_offline_minilm_copy_is_checked_against_its_published_sha256(monkeypatch):
-    """A damaged copy of the packaged MiniLM (same file names, other bytes) fails at load naming the file."""
+@pytest.mark.parametrize("name,file", [("sentence-transformers/all-MiniLM-L6-v2", r"model\.safetensors"),
+                                       ("smollm2-135m-instruct", r"SmolLM2-135M-Instruct\.Q4_1\.gguf")])
+def test_an_offline_embedded_copy_is_checked_against_its_recorded_sha256(name, file, monkeypatch):
+    """A damaged copy of a packaged backbone (same file names, other bytes) fails at load naming the file."""
+    import dataclasses
+
     from pipeline import backbone as bbm
     from pipeline.errors import BackboneError
 
-    monkeypatch.setattr(bbm, "MINILM_SHA256", "0" * 64)  # as if the file's bytes had changed
-    with pytest.raises(BackboneError, match=r"model\.safetensors \(the offline MiniLM copy\) has sha256"):
-        bbm.weights_sha256(bbm.MINILM)
+    # as if the file's bytes had changed: the recorded hash no longer matches them
+    monkeypatch.setitem(bbm.EMBEDDED, name, dataclasses.replace(bbm.EMBEDDED[name], weights_sha256="0" * 64))
+    bbm._FILE_SHA.clear()
+    with pytest.raises(BackboneError, match=rf"{file} \(the offline copy of {name}\) has sha256"):
+        bbm.weights_sha256(name)

@@ -134,3 +134,63 @@ def test_accuracy_suite_pairs_cache_and_inloop_by_seed_and_reports_mean_and_std(
     assert out["methods"]["lst_cache"]["std"] == pytest.approx(2.0)
     assert out["lst_vs_full_ft_delta_pt"] == pytest.approx(82.0 - 91.0)
     assert out["methods"]["frozen"]["mean"] == pytest.approx(70.0)
+
+
+def test_gpu_llm_plan_counts_match_the_built_models_on_the_meta_device():
+    """The GPU suite's CPU-safe part: for Llama shapes its plan's LoRA count equals PEFT's own, the backbone count
+    equals SmolLM2-135M's published 134.5M, and layer dropping keeps every eighth of 70B's 80 layers, the last one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from bench import gpu_llm
+
+    p = gpu_llm.plan("smollm2-135m", 8, 32)
+    assert p["backbone_params"] == 134_515_008
+    with torch.device("meta"):
+        peft = get_peft_model(LlamaForCausalLM(gpu_llm.llama_config("llama-1b")),
+                              LoraConfig(r=32, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    lora = sum(t.numel() for n, t in peft.named_parameters() if "lora_" in n)
+    assert gpu_llm.plan("llama-1b", 8, 32)["lora_trainable_params"] == lora
+    assert gpu_llm.kept_layers("llama-70b") == list(range(7, 80, 8))
+    big = gpu_llm.plan("llama-70b", 8, 256)["bytes_gib"]
+    assert big["lst_cache_side_fp32_adam_plus_bf16_table"] < big["qlora_4bit_backbone"] / 5  # fits a small GPU
+
+
+def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_path):
+    """bench/llm.py: stage one and the baselines that need no training come first; seeds 1-2 and the variants appear
+    once seed 0's lr grid has picked an lr on validation; collect() writes llm_accuracy per task (the six methods,
+    mean over seeds) and the stage-two memory ratio."""
+    import json
+
+    from bench import llm
+
+    def names():
+        return [j.name for j in llm.plan(tmp_path)]
+
+    first = names()
+    assert first[:3] == [f"{t}/stage1_l10" for t in llm.TASKS]
+    assert first.index("memory") < first.index("rt-sentiment/lora_s0") < first.index("rt-sentiment/lora_s1")
+    assert not [n for n in first if "lst_cache_s1" in n or "inloop" in n]  # no lr chosen yet
+
+    def put(name, acc, **kw):
+        p = tmp_path / "jobs" / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"job": name, "val": {"accuracy": acc}, "test": {"accuracy": acc}, **kw}))
+
+    t = "pang-lee"
+    for lr, acc in zip(llm.LST_LRS, (0.7, 0.9, 0.8)):
+        put(f"{t}/lst_cache_s0_lr{lr:g}", acc, lr=lr, seed=0)
+    assert llm.best_lr(tmp_path, t) == llm.LST_LRS[1]
+    now = {j.name: j for j in llm.plan(tmp_path)}
+    assert now[f"{t}/lst_cache_s1"].kw["lr"] == llm.LST_LRS[1] and f"{t}/lst_inloop_s0" in now
+    put(f"{t}/lst_cache_s1", 0.8, seed=1)
+    put(f"{t}/lst_cache_s2", 0.7, seed=2)
+    for m, acc in (("lst_inloop", 0.85), ("lora", 0.95), ("full_ft", 0.96)):
+        put(f"{t}/{m}_s0", acc, seed=0)
+    put(f"{t}/zero_shot", 0.6, by_format={})
+    put(f"{t}/frozen", 0.75)
+    (tmp_path / "jobs" / "memory.json").write_text(json.dumps({"job": "memory", "lst_cache_train_peak_ratio_vs_lora": 0.2}))
+    out = llm.collect(tmp_path)
+    assert out["llm_accuracy"][t] == pytest.approx({"lst_cache": 80.0, "lst_inloop": 85.0, "zero_shot": 60.0,
+                                                    "frozen": 75.0, "lora": 95.0, "full_ft": 96.0})
+    assert out["llm_stage_two_peak_memory_ratio_vs_lora"] == 0.2

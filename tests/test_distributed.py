@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache_cluster import CLIENT_KILL_ENV, WORKER_KILL_ENV, connect, plan_ranges
+from pipeline.cache_cluster import (
+    CLIENT_KILL_ENV,
+    WORKER_KILL_ENV,
+    connect,
+    plan_ranges,
+)
 from pipeline.config import CacheConfig
 from pipeline.errors import StoreError
 from pipeline.ladder_store import LadderStore
@@ -163,8 +168,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def toy_stores(tiny_bert, tiny_t5, tmp_path_factory):
-    from tests.conftest import write_task
     from stages.cache_activations import main
+    from tests.conftest import write_task
 
     folder = tmp_path_factory.mktemp("ddp")
     task = write_task(folder / "toy")

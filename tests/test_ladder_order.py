@@ -309,11 +309,11 @@ def test_mix_final_adds_the_gated_final_state_to_the_ladder_net(family, tiny_ber
     store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
     full = next(iter(reader(store).batches(sorted(names), 8, shuffle=True, seed=3)))
     with torch.no_grad():
-        plain = net(full).scores if family != "t5" else net(full).loss
+        plain = net(full).scores if family == "bert" else net(full).loss  # T5 / decoder-only: the gold candidate's loss
         mixed.late_alpha.fill_(50.0)  # g = sigmoid(500) = 1: all side
-        all_side = mixed(full).scores if family != "t5" else mixed(full).loss
+        all_side = mixed(full).scores if family == "bert" else mixed(full).loss
         mixed.late_alpha.fill_(0.0)
-        half = mixed(full).scores if family != "t5" else mixed(full).loss
+        half = mixed(full).scores if family == "bert" else mixed(full).loss
     assert torch.allclose(plain, all_side, atol=1e-6)
     assert not torch.allclose(plain, half, atol=1e-4)
     assert mixed.trainable_parameters() == net.trainable_parameters() + 1

@@ -209,7 +209,12 @@ def test_encoder_and_decoder_shapes_build_on_meta(kind, kw):
         states = {n: torch.empty(2, 5, kw["hidden_size"]) for n in spec.state_names(SRC)}
         from pipeline.batches import LadderBatch
 
-        out = net(LadderBatch(ids, torch.ones(2, 5, dtype=torch.bool), states, torch.zeros(2)))
+        batch = LadderBatch(ids, torch.ones(2, 5, dtype=torch.bool), states, torch.zeros(2))
+        if kind == "llama":  # decoder-only: rank classification over both (one-token) candidates of each example
+            batch.tgt_ids, batch.tgt_mask = torch.zeros(4, 0, dtype=torch.long), torch.zeros(4, 0, dtype=torch.bool)
+            batch.tgt_labels = torch.tensor([[5], [6], [5], [6]])
+            batch.tgt_row, batch.tgt_cand, batch.n_candidates = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), 2
+        out = net(batch)
     assert out.scores.shape == (2, 2)
 
 

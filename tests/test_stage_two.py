@@ -184,11 +184,17 @@ def test_cache_feed_and_backbone_feed_reach_the_same_result(cached):
         assert x["val_accuracy"] == y["val_accuracy"]
 
 
-def test_params_yaml_sections_build_every_stage_config():
+@pytest.mark.parametrize("params", ["params.yaml", "params_smollm2.yaml"])
+def test_params_yaml_sections_build_every_stage_config(params):
     for cls, section in ((C.CacheConfig, "cache_activations"), (C.PruneConfig, "prune_init"),
                          (C.TrainConfig, "train_side"), (C.EvalConfig, "evaluate")):
-        cfg = C.build(cls, ROOT / "params.yaml", section)
+        cfg = C.build(cls, ROOT / params, section)
         assert cfg is not None
+    if params == "params_smollm2.yaml":  # the three stages that need the backbone agree on it and on the layers
+        cfgs = [C.build(cls, ROOT / params, sec) for cls, sec in ((C.CacheConfig, "cache_activations"),
+                                                                  (C.PruneConfig, "prune_init"),
+                                                                  (C.TrainConfig, "train_side"))]
+        assert {c.backbone for c in cfgs} == {"smollm2-135m-instruct"} and len({c.layers for c in cfgs}) == 1
     with pytest.raises(C.ConfigError, match="unknown key"):
         C.build(C.TrainConfig, None, None, learning_rate=1.0)
 
