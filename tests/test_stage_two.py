@@ -224,6 +224,21 @@ def test_dvc_stage_deps_are_exactly_the_modules_the_stage_imports(stage):
     assert imported - {"pipeline/__init__.py", "stages/__init__.py"} == deps
 
 
+def test_dvc_accepts_dvc_yaml_and_plots_validation_beside_train_loss():
+    """dvc's own schema check (a stage plot with a list of y fields once broke `make demo` before any stage ran)."""
+    import shutil
+    import subprocess
+    import sys
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    res = subprocess.run([dvc, "stage", "list"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert {"cache_activations", "prune_init", "train_side", "evaluate"} <= {ln.split()[0] for ln in res.stdout.splitlines()}
+    top = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    curves = next(p["runs/side/plots/curves.csv"] for p in top if "runs/side/plots/curves.csv" in p)
+    assert curves["y"] == ["train_loss", "val_accuracy"]
+
+
 def test_editing_the_side_network_reruns_only_train_side_and_evaluate():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert sorted(name for name, st in stages.items() if "pipeline/side.py" in st["deps"]) == ["evaluate", "train_side"]
