@@ -109,6 +109,15 @@ def main():
                                 "stage_two_speedup_vs_1_process": dist["stage_two_speedup_vs_1_process"]}
         notes.append("distributed_cpu: tokens/s ratios within one run of bench/distributed.py on a shared 2-core "
                      "machine (medians of interleaved repeats).")
+    stage_two_keys(s, notes, load("stage_two_cpu.json"), load("stage_two_cuda.json"))
+    llm = load("llm.json")
+    s["llm_accuracy"] = llm["llm_accuracy"] if llm else None
+    s["llm_stage_two_peak_memory_ratio_vs_lora"] = llm["llm_stage_two_peak_memory_ratio_vs_lora"] if llm else None
+    if llm:
+        notes.append("llm_accuracy: SmolLM2-135M-Instruct (GGUF, offline), test accuracy (mean over the seeds run), "
+                     f"2-core CPU; null = not run yet (jobs pending: {len(llm['jobs_pending'])}; bench/results/llm.json).")
+    else:
+        notes.append("llm_accuracy: bench/results/llm.json not present.")
     s["notes"] = notes
     (RES / "summary.json").write_text(json.dumps(s, indent=2))
     blocks = readme_blocks()
@@ -116,6 +125,25 @@ def main():
     if README.exists():
         README.write_text(fill_readme(README.read_text(), blocks))
     print(json.dumps(s, indent=2))
+
+
+def stage_two_keys(s: dict, notes: list, cpu: dict | None, gpu: dict | None) -> None:
+    """Issue 11's keys: packed vs padded and the one-pass sweep (bench/stage_two.py), null with the reason."""
+    lay, sw = (cpu or {}).get("layouts"), (cpu or {}).get("sweeps")
+    s["packed_vs_padded_tokens_per_s_ratio_cpu"] = lay["packed_vs_padded_tokens_per_s_ratio"] if lay else None
+    s["sweep16_one_pass_time_ratio_vs_one_run_cpu"] = sw["sweep16_one_pass_time_ratio_vs_one_run"] if sw else None
+    if cpu:
+        notes.append("packed_vs_padded / sweep16 (CPU): one run of bench/stage_two.py (bench/results/stage_two_cpu.json)"
+                     ", real MiniLM cache of rt-snippets; the sweep ratio is one `train_side --sweep` process of 16 "
+                     "configs over one process of 1, start-up included.")
+    else:
+        notes.append("packed_vs_padded / sweep16 (CPU): bench/results/stage_two_cpu.json not present.")
+    g = (gpu or {}).get("sweeps") or {}
+    s["sweep16_speedup_vs_inloop_gpu"] = g.get("sweep16_speedup_vs_inloop")
+    s["sweep_tokens_per_s_gpu"] = g.get("sweep_tokens_per_s")
+    if not gpu:
+        notes.append("sweep16_speedup_vs_inloop_gpu, sweep_tokens_per_s_gpu: null, not measured: no GPU was lent "
+                     "after one-pass sweeps were built (bench/stage_two.py --device cuda measures them).")
 
 
 def readme_blocks() -> dict[str, str]:
