@@ -71,12 +71,13 @@ def prepare(task: str, a) -> dict:
 
     work, t = Path(a.work) / task, TASKS[task]
     paths = {}
-    for codec in ("zstd", "int8", "bitround"):
+    methods = getattr(a, "lst_methods", None) or list(LST_VARIANTS)
+    # zstd: the baselines read token ids from it; the other codecs only where an LST method reads them
+    for codec in ["zstd"] + sorted({lst_config(m)["codec"] for m in methods} - {"zstd"}):
         out = work / f"cache_{codec}"
         cache_activations.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
                               out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
         paths[codec] = str(out)
-    methods = getattr(a, "lst_methods", None) or list(LST_VARIANTS)
     for variant, r in sorted({(lst_config(m)["variant"], lst_config(m)["r"]) for m in methods}):
         init = work / f"side_init_fisher_{variant}_r{r}.safetensors"  # an init file names its variant and r
         if not init.exists():
@@ -95,25 +96,29 @@ def _metrics(task, scores, labels):
     return task_metrics(tk.kind, predictions(scores, tk.kind, tk.regression_bins), labels)
 
 
-def run_lst(job: dict) -> dict:
-    from pipeline import evaluate as ev
+def lst_train_config(job: dict):
+    """The TrainConfig of an LST job, and the codec of the cache it reads."""
     from pipeline.config import TrainConfig
-    from pipeline.ladder_store import LadderStore
-    from pipeline.run_folder import load_side
-    from pipeline.train_side import train
 
     c = lst_config(job["method"])
-    codec, feed = c.pop("codec"), c["feed"]
+    codec = c.pop("codec")
     side_init = job["paths"][f"fisher_{c['variant']}_r{c['r']}"] if c["init"] == "fisher" else ""
     kw = dict(task=job["task"], cache=job["paths"][codec], out=job["out"], backbone=job["backbone"],
               side_init=side_init, epochs=job["epochs"], lr=job["lr"], batch_size=BATCH, seed=job["seed"],
               device=job["device"], max_length=job["max_length"], data_dir=job["data_dir"])
-    cfg = TrainConfig(**{**kw, **c})  # a variant may set any TrainConfig field (epochs, dropouts, mix_final, r)
-    m = train(cfg, log=_quiet)
-    net, _ = load_side(job["out"], _device(job["device"]))
+    return TrainConfig(**{**kw, **c}), codec  # a variant may set any TrainConfig field (epochs, dropouts, mix_final, r)
+
+
+def lst_result(job: dict, cfg, codec: str, m: dict) -> dict:
+    """A trained LST run's result: the best epoch's validation metrics (its metrics.json `m`) and its test score."""
+    from pipeline import evaluate as ev
+    from pipeline.ladder_store import LadderStore
+    from pipeline.run_folder import load_side
+
+    net, _ = load_side(cfg.out, _device(job["device"]))
     test = LadderStore(Path(job["paths"][codec]) / "test.zarr")
     feed_fn = None
-    if feed == "backbone":  # score the test split in the loop too
+    if cfg.feed == "backbone":  # score the test split in the loop too
         from pipeline.train_side import BackboneFeed
 
         feed_fn = BackboneFeed(cfg, test)
@@ -122,6 +127,13 @@ def run_lst(job: dict) -> dict:
     return {"val": val, "test": _metrics(job["task"], scores, test.labels), "trainable_params": m["trainable_params"],
             "train_tokens_per_s": m["train_tokens_per_s"], "peak_memory_mb": m["peak_memory_mb"],
             "best_epoch": m["best_epoch"]}
+
+
+def run_lst(job: dict) -> dict:
+    from pipeline.train_side import train
+
+    cfg, codec = lst_train_config(job)
+    return lst_result(job, cfg, codec, train(cfg, log=_quiet))
 
 
 def _device(name):
@@ -204,7 +216,13 @@ def run_job(job: dict) -> dict:
         print(f"{job['task']} {job['method']} seed={job['seed']} lr={job['lr']:g}: FAILED {type(e).__name__}: "
               f"{str(e)[:200]}", flush=True)
         return None
-    res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=time.perf_counter() - t0)
+    return save_result(job, res, time.perf_counter() - t0)
+
+
+def save_result(job: dict, res: dict, wall_s: float) -> dict:
+    """Write a finished job's result file (atomically: a rerun skips the job only if it is whole)."""
+    path = Path(job["result"])
+    res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
@@ -267,7 +285,8 @@ def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
 def collect(a):
     """Aggregate whatever job results exist for --tasks from --jobs-dir, without running anything: the lr of
     each tuned method from its seed-0 grid runs, then the runs at that lr; methods with no runs are listed as
-    missing. The frozen-features baseline is computed here when the task's fp16 cache exists under --work."""
+    missing. The frozen-features baseline is computed here when the task's fp16 cache exists under --work, and
+    otherwise kept from the committed results."""
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
     jobs_dir = Path(a.jobs_dir or Path(a.work) / "jobs")
@@ -287,6 +306,9 @@ def collect(a):
         frozen_test = frozen(task, {"zstd": str(cache)}) if (cache / "test.zarr").exists() else None
         missing = sorted((set(LR_GRID) | set(LST_VARIANTS)) - {r["method"] for r in rows})
         agg = aggregate(task, rows, frozen_test)
+        kept = res["tasks"].get(task, {}).get("methods", {}).get("frozen")
+        if frozen_test is None and kept:  # its code did not change: the committed score stands without a cache
+            agg["methods"]["frozen"] = kept
         res["tasks"][task] = {**agg, "run": {"command": a.collect, "collected_by": " ".join(
             ["python -m bench.accuracy"] + sys.argv[1:]), **TASKS[task]}, "lr_selection": sel, "runs": rows,
             "missing_methods": missing}

@@ -5,7 +5,9 @@ memory and throughput beside the accuracy, so the trade-off is one table.
     python -m bench.explore --task rt-sentiment --device cpu
 
 Each run goes through bench.accuracy's job machinery (same caches, Fisher inits, per-job result files,
-resumable); bench/results/lst_explore.json collects them. The LST default is `lst_cache`.
+resumable); bench/results/lst_explore.json collects them. The LST default is `lst_cache`. A method's lr grid
+trains as one `train_side` sweep (one read of each batch, the configs stacked; --one-pass, the default), or as
+separate runs (--no-one-pass); both write the same per-(method, lr) result files.
 """
 from __future__ import annotations
 
@@ -30,6 +32,32 @@ LRS = [3e-4, 1e-3, 3e-3]
 BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors
 
 
+def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
+    """The method's result at every lr of LRS: result files already written are read back; the rest train."""
+    from bench import accuracy as A
+
+    jobs = [A.make_job(task, method, seed, lr, paths, a) for lr in LRS]
+    todo = [j for j in jobs if not Path(j["result"]).exists()]
+    if todo and a.one_pass and A.lst_config(method)["feed"] == "cache":
+        import dataclasses
+
+        import torch
+
+        from pipeline.train_side import sweep_configs, train
+
+        torch.set_num_threads(jobs[0]["threads"])
+        t0 = time.perf_counter()
+        cfg, codec = A.lst_train_config(todo[0])
+        cfg = dataclasses.replace(cfg, sweep={"lr": [j["lr"] for j in todo]}, resume=True,
+                                  out=str(Path(a.work) / "runs" / task / f"{method}_s{seed}_sweep"))
+        train(cfg, log=print)
+        wall = (time.perf_counter() - t0) / len(todo)  # the pass's time, shared by its configs
+        for job, (_, c) in zip(todo, sweep_configs(cfg)):
+            m = json.loads((Path(c.out) / "metrics.json").read_text())
+            A.save_result(job, {**A.lst_result(job, c, codec, m), "one_pass_configs": len(todo)}, wall)
+    return [r for r in (A.run_job(j) for j in jobs) if r is not None]
+
+
 def main():
     from bench import accuracy as A
     from bench.machine import describe
@@ -44,16 +72,18 @@ def main():
     ap.add_argument("--jobs-dir", default="")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--out", default="bench/results/lst_explore.json")
+    ap.add_argument("--jobs", type=int, default=1, help="torch threads = cores / jobs (2: share a 2-core machine)")
+    ap.add_argument("--one-pass", action=argparse.BooleanOptionalAction, default=True,
+                    help="train a method's lr grid as one sweep (default) or as separate runs")
     a = ap.parse_args()
-    a.limit, a.epochs, a.jobs = 0, 0, 1
+    a.limit, a.epochs = 0, 0
     methods = a.methods.split(",")
     a.lst_methods = methods
     t0 = time.perf_counter()
     paths = A.prepare(a.task, a)
     rows = []
     for m in methods:
-        runs = [A.run_job(A.make_job(a.task, m, a.seed, lr, paths, a)) for lr in LRS]
-        runs = [r for r in runs if r is not None]
+        runs = lr_grid(a.task, m, a.seed, paths, a)
         metric = A._headline(a.task)
         best = max(runs, key=lambda r: r["val"][metric])
         rows.append({"method": m, "config": A.lst_config(m), "best_lr": best["lr"],

@@ -5,7 +5,10 @@ the default side net (r = 8, Fisher-free magnitude init, official dropouts), bat
     padded vs packed   training tokens/s (real tokens only), alternating the two layouts per epoch
     data path          one epoch of batch assembly alone, and one epoch of steps on batches already
                        assembled: the data path's share of a step = data / (data + compute)
-Part 2, end to end through the real CLIs (each process timed from outside, start-up included):
+Part 2, torch.compile (dynamic shapes) against eager on the same batches: steady-state tokens/s and the
+    first epoch's compilation cost, padded and packed.
+Part 3, a sweep's shared step: K = 4 configs stepped in turn against one stacked (vmap) computation.
+Part 4, end to end through the real CLIs (each process timed from outside, start-up included):
     K = 1, 4, 16 configs (learning rates x seeds) as one `train_side --sweep` against K separate
     `train_side` runs, from the same cache.
 
@@ -43,7 +46,8 @@ def layouts(a, cache: Path, dev) -> dict:
     out = {}
     for name, pack in (("padded", False), ("packed", True)):
         cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"run_{name}"), backbone=a.backbone,
-                          init="magnitude", epochs=a.epochs, device=a.device, pack=pack, max_length=a.max_length)
+                          init="magnitude", side_init="", epochs=a.epochs, device=a.device, pack=pack,
+                          max_length=a.max_length)
         s = setup(cfg, log=lambda *x: None)
         read = dict(device=s.device, device_budget_mb=cfg.device_cache_mb, pack_len=s.train.longest if pack else 0)
         out[name] = {"run": Run(cfg, s, log=lambda *x: None), "read": read, "s": s, "epochs": []}
@@ -78,6 +82,104 @@ def layouts(a, cache: Path, dev) -> dict:
     return res
 
 
+def compiled(a, cache: Path, dev) -> dict:
+    """Eager vs torch.compile(dynamic=True) of the side net, the same batches in one process: the first epoch
+    (compilation included) and the steady state (later epochs, batches assembled beforehand)."""
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.train_side import Run, setup
+
+    res = {}
+    for layout, pack in (("padded", False), ("packed", True)):
+        runs = {}
+        for mode in ("eager", "compiled"):
+            cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"compile_{layout}_{mode}"),
+                              backbone=a.backbone, init="magnitude", side_init="", epochs=a.epochs, device=a.device,
+                              pack=pack, max_length=a.max_length)
+            s = setup(cfg, log=lambda *x: None)
+            run = Run(cfg, s, log=lambda *x: None)
+            if mode == "compiled":
+                run.model = torch.compile(run.model, dynamic=True)
+            runs[mode] = (s, run, [])
+        s0 = runs["eager"][0]
+        read = dict(device=s0.device, device_budget_mb=2048, pack_len=s0.train.longest if pack else 0)
+        try:
+            for epoch in range(a.epochs):
+                batches = list(reader(s0.train).batches(s0.names, 100, shuffle=True, seed=0, epoch=epoch,
+                                                        prefetch=False, **read))
+                tokens = sum(b.n_tokens for b in batches)
+                for mode, (s, run, eps) in runs.items():
+                    t0 = time.perf_counter()
+                    for b in batches:
+                        run.step(b)
+                    _sync(dev)
+                    eps.append({"s": time.perf_counter() - t0, "tokens": tokens})
+                    print(layout, mode, json.dumps(eps[-1]), flush=True)
+        except Exception as e:  # an honest result too: what stops the compiler on this side net
+            res[layout] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        r = {}
+        for mode, (_, _, eps) in runs.items():
+            r[mode] = {"first_epoch_s": eps[0]["s"],
+                       "tokens_per_s": statistics.median(e["tokens"] / e["s"] for e in eps[1:] or eps), "epochs": eps}
+        r["compiled_vs_eager_tokens_per_s_ratio"] = r["compiled"]["tokens_per_s"] / r["eager"]["tokens_per_s"]
+        r["compile_overhead_s"] = r["compiled"]["first_epoch_s"] - r["eager"]["first_epoch_s"]
+        res[layout] = r
+    return res
+
+
+def stacking(a, cache: Path, dev) -> dict:
+    """A sweep's step on a shared batch: K = 4 same-shape configs stepped one after another against one stacked
+    (vmap) computation, the same batches, in one process; with the official dropouts and without them."""
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.stacked import StackedRuns
+    from pipeline.train_side import Run, setup
+
+    K, n_batches = 4, 6
+    off = dict(dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    res = {}
+    for dropout in ("official", "off"):
+        for layout, pack in (("padded", False), ("packed", True)):
+            runs = []
+            for k in range(K):
+                cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"stack_{k}"),
+                                  backbone=a.backbone, init="magnitude", side_init="", epochs=1, device=a.device,
+                                  pack=pack, max_length=a.max_length, lr=1e-3 * (k + 1),
+                                  **(off if dropout == "off" else {}))
+                runs.append(Run(cfg, setup(cfg, log=lambda *x: None), log=lambda *x: None))
+            s = runs[0].s
+            read = dict(device=s.device, device_budget_mb=2048, pack_len=s.train.longest if pack else 0)
+            batches = list(reader(s.train).batches(s.names, 100, shuffle=True, seed=0, epoch=0, prefetch=False,
+                                                   **read))[:n_batches]
+
+            def in_turn():
+                for b in batches:
+                    for r in runs:
+                        r.step(b)
+
+            def stacked():
+                st = StackedRuns(runs)
+                for b in batches:
+                    st.step(b, amp)
+
+            times = {"in_turn": [], "stacked": []}
+            for _ in range(2):  # alternate: drift in machine speed hits both; the first pass warms up
+                for name, f in (("in_turn", in_turn), ("stacked", stacked)):
+                    t0 = time.perf_counter()
+                    f()
+                    _sync(dev)
+                    times[name].append((time.perf_counter() - t0) / n_batches)
+            r = {f"{k}_s_per_batch": v[-1] for k, v in times.items()}
+            r["stacked_vs_in_turn_speedup"] = r["in_turn_s_per_batch"] / r["stacked_s_per_batch"]
+            res[f"{layout}_dropout_{dropout}"] = r
+            print(layout, dropout, json.dumps(r), flush=True)
+    return {"configs": K, "batches": n_batches, "results": res}
+
+
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,7 +190,7 @@ def sweeps(a, cache: Path) -> dict:
     """K configs as one sweep process vs K separate processes (real CLIs, start-up included)."""
     lrs = ["0.001", "0.002", "0.003", "0.005"]
     common = ["stages.train_side", "--params", "none", "--backbone", a.backbone, "--task", a.task, "--cache",
-              str(cache), "--init", "magnitude", "--epochs", str(a.sweep_epochs), "--device", a.device,
+              str(cache), "--init", "magnitude", "--side-init", "", "--epochs", str(a.sweep_epochs), "--device", a.device,
               "--max-length", str(a.max_length)]
     if a.pack:
         common.append("--pack")
@@ -121,7 +223,8 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default="data/bench_stage_two")
     ap.add_argument("--data-dir", default="data/raw")
-    ap.add_argument("--parts", default="layouts,sweeps")
+    ap.add_argument("--parts", default="layouts,compile,stacking,sweeps")
+    ap.add_argument("--merge", action="store_true", help="update only the parts run in an existing --out file")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     from pipeline import cache_activations as stage_one
@@ -136,10 +239,17 @@ def main():
     res = {"command": " ".join(["python -m bench.stage_two"] + sys.argv[1:]), **describe(dev), "config": vars(a)}
     if "layouts" in a.parts:
         res["layouts"] = layouts(a, cache, dev)
+    if "compile" in a.parts:
+        res["compile"] = compiled(a, cache, dev)
+    if "stacking" in a.parts:
+        res["stacking"] = stacking(a, cache, dev)
     if "sweeps" in a.parts:
         res["sweeps"] = sweeps(a, cache)
     out = Path(a.out or f"bench/results/stage_two_{dev.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.merge and out.exists():  # each part's ratios are within that part's own run
+        old = json.loads(out.read_text())
+        res = {**old, **res, "command": old["command"], "merged": old.get("merged", []) + [res["command"]]}
     out.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: v for k, v in res.items() if k not in ("config",)}, indent=1, default=str))
 

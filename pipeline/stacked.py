@@ -9,8 +9,10 @@ vectorized over configs with each config's own learning rate, schedule and gradi
 
 Dropout under vmap draws one mask per config from the shared generator ("different" randomness), not the
 masks the config draws alone; so a stacked config matches the same config trained alone to float
-tolerance only without dropout (tested), and in distribution with it. `sweep_exact: true` (train_side)
-runs every config on its own instead, bit for bit as alone.
+tolerance only without dropout (tested), and in distribution with it. `sweep_stack: never` (train_side)
+runs every config on its own instead, bit for bit as alone; `auto` (the default) stacks on CUDA only, where
+one batched computation beats K small launches, and steps configs in turn on CPU, where stacking measured
+slower (bench/results/stage_two_cpu.json, "stacking").
 """
 from __future__ import annotations
 

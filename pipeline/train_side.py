@@ -373,11 +373,11 @@ def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
     return out
 
 
-def _groups(active: list, exact: bool) -> tuple[list, list]:
+def _groups(active: list, stack: bool) -> tuple[list, list]:
     """Runs stepped one by one, and stacks of same-shape runs stepped as one computation (pipeline/stacked.py)."""
     from pipeline.stacked import StackedRuns, can_stack, shape_key
 
-    if exact:
+    if not stack:
         return list(active), []
     by_shape: dict[str, list] = {}
     for r in active:
@@ -448,7 +448,8 @@ def _sweep_train(base: TrainConfig, configs: list[tuple[str, TrainConfig]], log)
         steps = len(list(reader(train_store).epoch_plan(runs[0][1].n, names, base.batch_size, True, data_seed(base), epoch,
                                                 base.ram_budget_mb, batch_tokens=base.batch_tokens)))
         bar = Progress(steps, f"sweep epoch {epoch + 1}/{epochs} ({len(active)} configs)", unit="step")
-        alone, stacks = _groups(active, exact=base.sweep_exact)
+        alone, stacks = _groups(active, stack=base.sweep_stack == "always" or (
+            base.sweep_stack == "auto" and device.type == "cuda"))
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
         for batch in reader(train_store).batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
                                          **read):

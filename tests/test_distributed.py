@@ -291,7 +291,7 @@ def test_a_sweep_under_torchrun_deals_its_configs_to_the_ranks(toy_stores, tmp_p
     (tmp_path / "sweep.yaml").write_text("lr: [0.003, 0.01, 0.03]\n")
     args = ["--backbone", bb, "--task", task, "--cache", str(cache), "--reduction-factor", "4", "--epochs", "2",
             "--batch-size", "16", "--warmup-steps", "2", "--device", "cpu", "--init", "magnitude", "--side-init", ""]
-    res = torchrun(*args, "--out", str(tmp_path / "sw"), "--sweep", str(tmp_path / "sweep.yaml"), "--sweep-exact")
+    res = torchrun(*args, "--out", str(tmp_path / "sw"), "--sweep", str(tmp_path / "sweep.yaml"), "--sweep-stack", "never")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [c["name"] for c in summary["configs"]] == ["lr0.003", "lr0.01", "lr0.03"]

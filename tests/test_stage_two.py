@@ -279,13 +279,13 @@ def _weights(folder):
     return load_file(str(folder / "side.safetensors"))
 
 
-def test_an_exact_sweep_trains_every_config_bit_for_bit_as_alone(cached):
-    """One read of each batch for 4 configs (2 lrs x 2 seeds); each ends bit for bit where it ends alone with
-    the same seed and data_seed (own RNG stream, own optimizer), and the best on validation is at --out."""
+def test_a_cpu_sweep_trains_every_config_bit_for_bit_as_alone(cached):
+    """One read of each batch for 4 configs (2 lrs x 2 seeds); on CPU the default (--sweep-stack auto) steps
+    each in turn, so each ends bit for bit where it ends alone with the same seed and data_seed (own RNG
+    stream, own optimizer), and the best on validation is at --out."""
     bb, task, tmp = cached
     (tmp / "sweep.yaml").write_text("lr: [0.003, 0.01]\nseed: [0, 1]\n")
-    res = ok(cli("train_side", train_args(bb, task, tmp, "sw", "--sweep", str(tmp / "sweep.yaml"), "--seed", "7",
-                                          "--sweep-exact")))
+    res = ok(cli("train_side", train_args(bb, task, tmp, "sw", "--sweep", str(tmp / "sweep.yaml"), "--seed", "7")))
     summary = json.loads((tmp / "sw" / "sweep.json").read_text())
     assert [c["name"] for c in summary["configs"]] == ["lr0.003-seed0", "lr0.003-seed1", "lr0.01-seed0",
                                                        "lr0.01-seed1"]
@@ -347,7 +347,8 @@ def test_a_stacked_sweep_equals_each_config_alone_to_float_tolerance_without_dro
     off = ["--dropout", "0", "--attn-dropout", "0", "--ff-dropout", "0", "--emb-dropout", "0", "--final-dropout", "0"]
     (tmp / "sweep.yaml").write_text("configs:\n  - {lr: 0.003, seed: 0}\n  - {lr: 0.01, seed: 1, weight_decay: 0.1}\n"
                                     "  - {lr: 0.005, seed: 2, init: random, grad_clip: 0.05}\n")
-    ok(cli("train_side", train_args(bb, task, tmp, "sw", "--sweep", str(tmp / "sweep.yaml"), *off)))
+    ok(cli("train_side", train_args(bb, task, tmp, "sw", "--sweep", str(tmp / "sweep.yaml"), "--sweep-stack", "always",
+                                    *off)))
     for name, extra in (("lr0.003-seed0", ["--lr", "0.003", "--seed", "0"]),
                         ("lr0.01-seed1-weight_decay0.1", ["--lr", "0.01", "--seed", "1", "--weight-decay", "0.1"]),
                         ("lr0.005-seed2-initrandom-grad_clip0.05", ["--lr", "0.005", "--seed", "2", "--init", "random",
@@ -444,7 +445,8 @@ def test_a_stacked_sweep_runs_t5_and_decoder_side_nets_as_alone(family, tiny_t5,
     off = ["--dropout", "0", "--attn-dropout", "0", "--ff-dropout", "0", "--emb-dropout", "0", "--final-dropout", "0"]
     args = ["--epochs", "1", "--side-init", "", *off]
     (tmp_path / "sweep.yaml").write_text("lr: [0.003, 0.01]\n")
-    ok(cli("train_side", train_args(bb, toy_task, tmp_path, "sw", "--sweep", str(tmp_path / "sweep.yaml"), *args)))
+    ok(cli("train_side", train_args(bb, toy_task, tmp_path, "sw", "--sweep", str(tmp_path / "sweep.yaml"),
+                                    "--sweep-stack", "always", *args)))
     ok(cli("train_side", train_args(bb, toy_task, tmp_path, "alone", "--lr", "0.01", "--data-seed", "0", *args)))
     a, b = _weights(tmp_path / "sw" / "lr0.01"), _weights(tmp_path / "alone")
     for k in a:
