@@ -9,7 +9,7 @@ own epoch checkpoints). Jobs run one at a time, each in a fresh process (so each
 ones first:
 
     stage1 (cache every third layer, fp16) -> zero_shot (the frozen instruct model, chat template and plain) ->
-    frozen (last-token features + logistic regression) -> fisher init -> lst_cache lr grid (seed 0) -> memory ->
+    frozen (last-token features + logistic regression) -> fisher init -> memory -> lst_cache lr grid (seed 0) ->
     lora / full_ft (seed 0) -> lst_cache seeds 1, 2 -> LST variants (QST downsamplers, mix_final, layer choices,
     int8, magnitude init, chat prompts) -> lst_inloop (seed 0) -> lora / full_ft seeds 1, 2
 
@@ -111,11 +111,12 @@ def plan(work: Path) -> list[Job]:
         jobs.append(Job(f"{t}/frozen", frozen, [f"{t}/stage1_l10"], task=t))
     for t in TASKS:
         jobs.append(Job(f"{t}/fisher_l10", fisher, task=t, layers="l10"))
+    mt = "rt-sentiment" if "rt-sentiment" in TASKS else next(iter(TASKS))  # the largest task's batch
+    jobs.append(Job("memory", memory, [f"{mt}/stage1_l10", f"{mt}/fisher_l10"], task=mt))  # minutes: before training
+    for t in TASKS:
         for lr in LST_LRS:
             jobs.append(Job(f"{t}/lst_cache_s0_lr{lr:g}", lst, [f"{t}/stage1_l10", f"{t}/fisher_l10"], task=t, seed=0,
                             lr=lr, variant="lst_cache"))
-    mt = "rt-sentiment" if "rt-sentiment" in TASKS else next(iter(TASKS))  # the largest task's batch
-    jobs.append(Job("memory", memory, [f"{mt}/stage1_l10", f"{mt}/fisher_l10"], task=mt))
     for method in FT:
         for t in TASKS:
             jobs.append(Job(f"{t}/{method}_s0", finetune, [f"{t}/stage1_l10"], task=t, seed=0, method=method))
