@@ -36,7 +36,7 @@ def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
     """The method's result at every lr of LRS: result files already written are read back; the rest train."""
     from bench import accuracy as A
 
-    jobs = [A.make_job(task, method, seed, lr, paths, a) for lr in LRS]
+    jobs = [A.make_job(task, method, seed, lr, paths, a) for lr in a.lrs]
     todo = [j for j in jobs if not Path(j["result"]).exists()]
     if todo and a.one_pass and A.lst_config(method)["feed"] == "cache":
         import dataclasses
@@ -72,11 +72,13 @@ def main():
     ap.add_argument("--jobs-dir", default="")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--out", default="bench/results/lst_explore.json")
+    ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="learning rates tried per method")
     ap.add_argument("--jobs", type=int, default=1, help="torch threads = cores / jobs (2: share a 2-core machine)")
     ap.add_argument("--one-pass", action=argparse.BooleanOptionalAction, default=True,
                     help="train a method's lr grid as one sweep (default) or as separate runs")
     a = ap.parse_args()
     a.limit, a.epochs = 0, 0
+    a.lrs = [float(x) for x in a.lrs.split(",")]
     methods = a.methods.split(",")
     a.lst_methods = methods
     t0 = time.perf_counter()
@@ -97,7 +99,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
-    res["tasks"][a.task] = {"headline_metric": A._headline(a.task), "seed": a.seed, "lrs": LRS, "rows": rows,
+    res["tasks"][a.task] = {"headline_metric": A._headline(a.task), "seed": a.seed, "lrs": a.lrs, "rows": rows,
                             "run": {"command": " ".join(["python -m bench.explore"] + sys.argv[1:]),
                                     **describe(A._device(a.device))},
                             "wall_s": time.perf_counter() - t0}

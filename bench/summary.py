@@ -144,6 +144,14 @@ def stage_two_keys(s: dict, notes: list, cpu: dict | None, gpu: dict | None) -> 
                          f"saves only start-up and reads, and stacking {st['configs']} configs (vmap) ran "
                          f"{min(sp):.2f}-{max(sp):.2f}x the speed of stepping them in turn; sweeps therefore step "
                          f"configs in turn on CPU (--sweep-stack auto) and the <= 6x goal for 16 configs is not met.")
+            res = st["results"]
+            notes.append("The official dropout sites (0.1 at the embedding output, attention probabilities, inside the "
+                         "feed-forward and after the final norm) take about half of a CPU step: "
+                         f"{res['padded_dropout_official']['in_turn_s_per_batch']:.2f} vs "
+                         f"{res['padded_dropout_off']['in_turn_s_per_batch']:.2f} s per batch padded, "
+                         f"{res['packed_dropout_official']['in_turn_s_per_batch']:.2f} vs "
+                         f"{res['packed_dropout_off']['in_turn_s_per_batch']:.2f} packed (4 configs in turn); "
+                         "--dropout 0 etc. trade that for the official recipe.")
         ok = {k: r["compiled_vs_eager_tokens_per_s_ratio"] for k, r in comp.items() if "error" not in r}
         if ok:
             notes.append("torch.compile (dynamic shapes) on CPU: " + ", ".join(f"{k} {v:.2f}x" for k, v in ok.items())
