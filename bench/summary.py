@@ -170,7 +170,7 @@ def readme_blocks() -> dict[str, str]:
     """The README's generated blocks, each a pure function of the committed result files."""
     acc, sweeps = load("accuracy.json"), {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
     return {"results": tables(load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json"), acc, sweeps,
-                              load("distributed_cpu.json"), load("stage_two_cpu.json")),
+                              load("distributed_cpu.json"), load("stage_two_cpu.json"), load("lst_explore.json")),
             "demo": demo_block(load("demo.json"))}
 
 
@@ -311,10 +311,30 @@ def stage_two_table(d) -> list[str]:
     return out
 
 
-def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None) -> str:
+def explore_table(d) -> list[str]:
+    """bench/explore.py: side-net variants at one seed, accuracy beside trainable share, memory and speed."""
+    out = []
+    for task, t in d["tasks"].items():
+        lrs = ", ".join(f"{x:g}" for x in t["lrs"])
+        out += [f"What closes the gap on {task} (one seed, {t['headline_metric']}, each variant at its best lr on "
+                f"validation of {lrs}; {t['run']['device']}, shared with other jobs: tokens/s and peak RSS (one process for "
+                f"every row) are not comparable across rows; `{t['run']['command']}`):", "",
+                "| variant | lr | val | test | trainable (% of backbone) | stage-two peak (MB) | train tokens/s |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in t["rows"]:
+            out.append(f"| {r['method']} | {r['best_lr']:g} | {r['val']:.2f} | {r['test']:.2f} | "
+                       f"{r['trainable_params']:,} ({r['trainable_pct_of_backbone']:.2f}%) | "
+                       f"{_fmt(r['peak_memory_mb'], ',.0f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
+        out.append("")
+    return out
+
+
+def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None) -> str:
     out = []
     if acc and acc["tasks"]:
         out += accuracy_table(acc)
+    if explore and explore.get("tasks"):
+        out += explore_table(explore)
     if gpu:
         cmds = sorted({r.get("command", gpu["command"]) for r in gpu["results"]})
         out += [f"GPU memory and step time ({gpu['device']}, torch {gpu['versions']['torch']}, transformers "
