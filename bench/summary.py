@@ -170,7 +170,8 @@ def readme_blocks() -> dict[str, str]:
     """The README's generated blocks, each a pure function of the committed result files."""
     acc, sweeps = load("accuracy.json"), {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
     return {"results": tables(load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json"), acc, sweeps,
-                              load("distributed_cpu.json"), load("stage_two_cpu.json"), load("lst_explore.json")),
+                              load("distributed_cpu.json"), load("stage_two_cpu.json"), load("lst_explore.json"),
+                              load("llm.json")),
             "demo": demo_block(load("demo.json"))}
 
 
@@ -329,12 +330,44 @@ def explore_table(d) -> list[str]:
     return out
 
 
-def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None) -> str:
+LLM_ORDER = ["lst_cache", "lst_inloop", "lora", "full_ft", "frozen", "zero_shot"]  # zero_shot: chat template
+
+
+def llm_table(d) -> list[str]:
+    """bench/llm.py: SmolLM2-135M-Instruct per task, what has finished (null = not run yet)."""
+    tasks = [t for t, v in d["tasks"].items() if v["methods"]]
+    if not tasks:
+        return []
+    out = ["SmolLM2-135M-Instruct (GGUF, offline; test accuracy, mean over the seeds run; `python -m bench.llm`, "
+           f"2-core CPU; {len(d['jobs_pending'])} jobs pending, blank = not run yet):", "",
+           "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for m in LLM_ORDER:
+        cells = [d["tasks"][t]["methods"].get(m) for t in tasks]
+        out.append(f"| {m} | " + " | ".join("" if c is None else f"{c['mean']:.1f} ({len(c['seeds'])} seed"
+                                                f"{'s' if len(c['seeds']) > 1 else ''})" for c in cells) + " |")
+    plain = [(d["tasks"][t].get("zero_shot_by_format") or {}).get("plain_test") for t in tasks]
+    if any(plain):
+        out.append("| zero_shot, plain prompt (the chat template is the row above) | " + " | ".join(
+            "" if p is None else f"{100 * p['accuracy']:.1f}" for p in plain) + " |")
+    for t in tasks:
+        st = d["tasks"][t].get("stores", {}).get("l10")
+        if st:
+            out.append(f"\n{t}: every third layer in fp16/zstd takes {st['bytes_per_token']:,.0f} bytes per token on "
+                       f"disk (all 30 layers raw: 34,560); stage one ran at {st['stage_one_tokens_per_s']:.0f} tokens/s.")
+    ratio = d.get("llm_stage_two_peak_memory_ratio_vs_lora")
+    if ratio is not None:
+        out.append(f"\nStage-two peak memory on one batch, LST from the cache / LoRA: {ratio:.2f}.")
+    return out + [""]
+
+
+def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None, llm=None) -> str:
     out = []
     if acc and acc["tasks"]:
         out += accuracy_table(acc)
     if explore and explore.get("tasks"):
         out += explore_table(explore)
+    if llm:
+        out += llm_table(llm)
     if gpu:
         cmds = sorted({r.get("command", gpu["command"]) for r in gpu["results"]})
         out += [f"GPU memory and step time ({gpu['device']}, torch {gpu['versions']['torch']}, transformers "
