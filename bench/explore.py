@@ -6,8 +6,8 @@ memory and throughput beside the accuracy, so the trade-off is one table.
 
 Each run goes through bench.accuracy's job machinery (same caches, Fisher inits, per-job result files,
 resumable); bench/results/lst_explore.json collects them. The LST default is `lst_cache`. A method's lr grid
-trains as one `train_side` sweep (one read of each batch, the configs stacked; --one-pass, the default), or as
-separate runs (--no-one-pass); both write the same per-(method, lr) result files.
+trains as one `train_side` sweep (one read of each batch; --one-pass, the default), or as separate runs
+(--no-one-pass); both write the same per-(method, lr) result files.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), count
 
 
 def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
-    """The method's result at every lr of LRS: result files already written are read back; the rest train."""
+    """The method's result at every lr of --lrs: result files already written are read back; the rest train."""
     from bench import accuracy as A
 
     jobs = [A.make_job(task, method, seed, lr, paths, a) for lr in a.lrs]

@@ -37,26 +37,35 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def layouts(a, cache: Path, dev) -> dict:
-    """Padded vs packed tokens/s and the data path's share, in one process."""
-
+def _run(a, cache: Path, out: str, pack: bool, **over):
+    """A Run of the bench's side net (r = 8, magnitude init built inline) on the cache, not yet stepped."""
     from pipeline.config import TrainConfig
     from pipeline.train_side import Run, setup
 
+    cfg = TrainConfig(**{**dict(task=a.task, cache=str(cache), out=str(Path(a.work) / out), backbone=a.backbone,
+                                init="magnitude", side_init="", epochs=a.epochs, device=a.device, pack=pack,
+                                max_length=a.max_length), **over})
+    return Run(cfg, setup(cfg, log=lambda *x: None), log=lambda *x: None)
+
+
+def _batches(run, pack: bool, epoch: int) -> list:
+    """One epoch's batches of 100 as the training loop reads them (device-resident where the split fits)."""
+    s = run.s
+    return list(reader(s.train).batches(s.names, 100, shuffle=True, seed=0, epoch=epoch, prefetch=False,
+                                        device=s.device, device_budget_mb=run.cfg.device_cache_mb,
+                                        pack_len=s.train.longest if pack else 0))
+
+
+def layouts(a, cache: Path, dev) -> dict:
+    """Padded vs packed tokens/s and the data path's share, in one process."""
     out = {}
     for name, pack in (("padded", False), ("packed", True)):
-        cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"run_{name}"), backbone=a.backbone,
-                          init="magnitude", side_init="", epochs=a.epochs, device=a.device, pack=pack,
-                          max_length=a.max_length)
-        s = setup(cfg, log=lambda *x: None)
-        read = dict(device=s.device, device_budget_mb=cfg.device_cache_mb, pack_len=s.train.longest if pack else 0)
-        out[name] = {"run": Run(cfg, s, log=lambda *x: None), "read": read, "s": s, "epochs": []}
+        out[name] = {"run": _run(a, cache, f"run_{name}", pack), "pack": pack, "epochs": []}
     for epoch in range(a.epochs):
         for name, o in out.items():  # alternate layouts: drift in machine speed hits both
-            s, run = o["s"], o["run"]
+            run = o["run"]
             t0 = time.perf_counter()
-            batches = list(reader(s.train).batches(s.names, 100, shuffle=True, seed=0, epoch=epoch, prefetch=False,
-                                           **o["read"]))
+            batches = _batches(run, o["pack"], epoch)
             _sync(dev)
             data_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -87,29 +96,19 @@ def compiled(a, cache: Path, dev) -> dict:
     (compilation included) and the steady state (later epochs, batches assembled beforehand)."""
     import torch
 
-    from pipeline.config import TrainConfig
-    from pipeline.train_side import Run, setup
-
     res = {}
     for layout, pack in (("padded", False), ("packed", True)):
         runs = {}
         for mode in ("eager", "compiled"):
-            cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"compile_{layout}_{mode}"),
-                              backbone=a.backbone, init="magnitude", side_init="", epochs=a.epochs, device=a.device,
-                              pack=pack, max_length=a.max_length)
-            s = setup(cfg, log=lambda *x: None)
-            run = Run(cfg, s, log=lambda *x: None)
+            run = _run(a, cache, f"compile_{layout}_{mode}", pack)
             if mode == "compiled":
                 run.model = torch.compile(run.model, dynamic=True)
-            runs[mode] = (s, run, [])
-        s0 = runs["eager"][0]
-        read = dict(device=s0.device, device_budget_mb=2048, pack_len=s0.train.longest if pack else 0)
+            runs[mode] = (run, [])
         try:
             for epoch in range(a.epochs):
-                batches = list(reader(s0.train).batches(s0.names, 100, shuffle=True, seed=0, epoch=epoch,
-                                                        prefetch=False, **read))
+                batches = _batches(runs["eager"][0], pack, epoch)
                 tokens = sum(b.n_tokens for b in batches)
-                for mode, (s, run, eps) in runs.items():
+                for mode, (run, eps) in runs.items():
                     t0 = time.perf_counter()
                     for b in batches:
                         run.step(b)
@@ -120,7 +119,7 @@ def compiled(a, cache: Path, dev) -> dict:
             res[layout] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
         r = {}
-        for mode, (_, _, eps) in runs.items():
+        for mode, (_, eps) in runs.items():
             r[mode] = {"first_epoch_s": eps[0]["s"],
                        "tokens_per_s": statistics.median(e["tokens"] / e["s"] for e in eps[1:] or eps), "epochs": eps}
         r["compiled_vs_eager_tokens_per_s_ratio"] = r["compiled"]["tokens_per_s"] / r["eager"]["tokens_per_s"]
@@ -134,9 +133,7 @@ def stacking(a, cache: Path, dev) -> dict:
     (vmap) computation, the same batches, in one process; with the official dropouts and without them."""
     import torch
 
-    from pipeline.config import TrainConfig
     from pipeline.stacked import StackedRuns
-    from pipeline.train_side import Run, setup
 
     K, n_batches = 4, 6
     off = dict(dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0)
@@ -144,17 +141,9 @@ def stacking(a, cache: Path, dev) -> dict:
     res = {}
     for dropout in ("official", "off"):
         for layout, pack in (("padded", False), ("packed", True)):
-            runs = []
-            for k in range(K):
-                cfg = TrainConfig(task=a.task, cache=str(cache), out=str(Path(a.work) / f"stack_{k}"),
-                                  backbone=a.backbone, init="magnitude", side_init="", epochs=1, device=a.device,
-                                  pack=pack, max_length=a.max_length, lr=1e-3 * (k + 1),
-                                  **(off if dropout == "off" else {}))
-                runs.append(Run(cfg, setup(cfg, log=lambda *x: None), log=lambda *x: None))
-            s = runs[0].s
-            read = dict(device=s.device, device_budget_mb=2048, pack_len=s.train.longest if pack else 0)
-            batches = list(reader(s.train).batches(s.names, 100, shuffle=True, seed=0, epoch=0, prefetch=False,
-                                                   **read))[:n_batches]
+            runs = [_run(a, cache, f"stack_{k}", pack, epochs=1, lr=1e-3 * (k + 1), **(off if dropout == "off" else {}))
+                    for k in range(K)]
+            batches = _batches(runs[0], pack, 0)[:n_batches]
 
             def in_turn():
                 for b in batches:
