@@ -14,6 +14,7 @@ ones first:
     int8, magnitude init, chat prompts) -> lst_inloop (seed 0) -> lora / full_ft seeds 1, 2
 
     nohup nice -n 15 python -m bench.llm --work /path/to/work > /path/to/work/driver.log 2>&1 &   # start / resume
+    python -m bench.llm --work /path/to/work --skip '*/lora_*,*/full_ft_*'                       # LST rows first
     python -m bench.llm --work /path/to/work --status                                            # what is done
     python -m bench.llm --work /path/to/work --collect --out bench/results/llm.json              # gather results
 
@@ -29,6 +30,7 @@ reports the test score of its best validation epoch.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -557,11 +559,11 @@ def status(work: Path) -> list[tuple[str, str]]:
     return out
 
 
-def drive(work: Path, data_dir: str, retry_failed: bool) -> None:
+def drive(work: Path, data_dir: str, retry_failed: bool, skip: tuple[str, ...] = ()) -> None:
     while True:
         todo = None
         for j in plan(work):
-            if (work / "jobs" / f"{j.name}.json").exists():
+            if (work / "jobs" / f"{j.name}.json").exists() or any(fnmatch.fnmatch(j.name, p) for p in skip):
                 continue
             if (work / "jobs" / f"{j.name}.failed").exists() and not retry_failed:
                 continue
@@ -671,6 +673,8 @@ def main():
     ap.add_argument("--collect", action="store_true")
     ap.add_argument("--out", default="bench/results/llm.json")
     ap.add_argument("--retry-failed", action="store_true")
+    ap.add_argument("--skip", default="", help="comma-separated job-name patterns to leave out, e.g. '*/lora_*,*/full_ft_*' "
+                    "(on 2 CPU cores one LoRA or full FT run takes hours: run the LST rows first)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--memory-one", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -697,7 +701,7 @@ def main():
         Path(a.out).write_text(json.dumps(res, indent=1))
         print(json.dumps({k: res[k] for k in ("llm_accuracy", "llm_stage_two_peak_memory_ratio_vs_lora")}, indent=1))
         return
-    drive(work, a.data_dir, a.retry_failed)
+    drive(work, a.data_dir, a.retry_failed, tuple(p for p in a.skip.split(",") if p))
 
 
 if __name__ == "__main__":

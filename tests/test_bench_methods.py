@@ -194,3 +194,30 @@ def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_pat
     assert out["llm_accuracy"][t] == pytest.approx({"lst_cache": 80.0, "lst_inloop": 85.0, "zero_shot": 60.0,
                                                     "frozen": 75.0, "lora": 95.0, "full_ft": 96.0})
     assert out["llm_stage_two_peak_memory_ratio_vs_lora"] == 0.2
+
+
+def test_llm_driver_leaves_out_skipped_jobs_and_runs_the_next_ready_one(tmp_path, monkeypatch):
+    """--skip: jobs matching a pattern are never started (LoRA/full FT take hours on CPU); the driver goes on with
+    the first job in plan order whose prerequisites are done, and stops when nothing else is ready."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from bench import llm
+
+    started = []
+
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--one") + 1]
+        started.append(name)
+        p = tmp_path / "jobs" / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"job": name}))
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    llm.drive(tmp_path, "data/raw", False, skip=("*",))
+    assert started == []
+    # without stage one, only the Fisher inits have their inputs (they read the raw data)
+    llm.drive(tmp_path, "data/raw", False, skip=("*/stage1_*", "*/lst_*"))
+    assert started == [f"{t}/fisher_l10" for t in llm.TASKS]
