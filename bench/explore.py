@@ -27,6 +27,9 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     "lst_r4": dict(r=4),  # 4x the side width: over the 2% parameter budget on MiniLM
     "lst_r4_mix_final": dict(r=4, mix_final=True),
     "lst_r16": dict(r=16),
+    # item 5: the official code runs the frozen backbone in train mode, so its ladders see dropout; a cache cannot.
+    # In the loop with backbone dropout on, against lst_inloop (off): does that difference matter?
+    "lst_inloop_backbone_dropout": dict(feed="backbone", backbone_dropout=True),
 }
 LRS = [3e-4, 1e-3, 3e-3]
 BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors

@@ -357,7 +357,30 @@ def llm_table(d) -> list[str]:
     ratio = d.get("llm_stage_two_peak_memory_ratio_vs_lora")
     if ratio is not None:
         out.append(f"\nStage-two peak memory on one batch, LST from the cache / LoRA: {ratio:.2f}.")
-    return out + [""]
+    return out + [""] + llm_variant_table(d)
+
+
+def llm_variant_table(d) -> list[str]:
+    """bench/llm.py's LST variants (QST options, layer choices, codecs, init) against plain LST, seed 0 each."""
+    out = []
+    for t, v in d["tasks"].items():
+        ms = v["methods"]
+        rows = [m for m in ["lst_cache", *d["settings"]["variants"]] if m in ms]
+        if len(rows) < 2:
+            continue
+        size = {r["method"]: r["bytes_per_token"] for r in v.get("accuracy_vs_bytes", [])}
+        for m, over in d["settings"]["variants"].items():  # the variants that read lst_cache's store
+            if not {"layers", "cache"} & set(over) and "lst_cache" in size:
+                size[m] = size["lst_cache"]
+        out += [f"SmolLM2 LST variants on {t} (seed 0, lr {v['best_lst_lr']:g} chosen for lst_cache on validation; "
+                "store bytes per token of the layers each reads):", "",
+                "| variant | val | test | trainable | store bytes/token |", "|---|---:|---:|---:|---:|"]
+        for m in rows:
+            c = ms[m]
+            out.append(f"| {m} | {c['val_accuracy'][0]:.2f} | {c['test_accuracy'][0]:.2f} | "
+                       f"{_fmt(c.get('trainable_params'), ',')} | {_fmt(size.get(m), ',.0f')} |")
+        out.append("")
+    return out
 
 
 def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None, llm=None) -> str:

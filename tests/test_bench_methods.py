@@ -221,3 +221,32 @@ def test_llm_driver_leaves_out_skipped_jobs_and_runs_the_next_ready_one(tmp_path
     # without stage one, only the Fisher inits have their inputs (they read the raw data)
     llm.drive(tmp_path, "data/raw", False, skip=("*/stage1_*", "*/lst_*"))
     assert started == [f"{t}/fisher_l10" for t in llm.TASKS]
+
+
+def test_every_accuracy_and_explore_method_is_a_valid_train_config_differing_from_lst_only_where_it_says():
+    """bench.accuracy / bench.explore: each LST method's TrainConfig validates, and differs from the paper's LST
+    (lst_cache) in exactly the fields its entry names, so an ablation row measures what its name says."""
+    import dataclasses
+
+    from bench import accuracy as A
+    from bench.explore import EXPLORE
+
+    def cfg(m):
+        c = A.lst_config(m)
+        paths = {"zstd": "/c/zstd", "int8": "/c/int8", "bitround": "/c/bitround",
+                 f"fisher_{c['variant']}_r{c['r']}": "/c/init"}
+        job = dict(method=m, task="rt-sentiment", paths=paths, out="/o", backbone="b", epochs=10, lr=1e-3, seed=0,
+                   device="cpu", max_length=64, data_dir="data/raw")
+        return A.lst_train_config(job)
+
+    base, _ = cfg("lst_cache")
+    for m, over in {**A.LST_VARIANTS, **EXPLORE}.items():
+        c, codec = cfg(m)
+        assert codec == over.get("codec", "zstd")
+        differ = {f.name for f in dataclasses.fields(c) if getattr(c, f.name) != getattr(base, f.name)}
+        expect = set(over) - {"codec"}
+        if codec != "zstd":
+            expect.add("cache")
+        if "init" in over:
+            expect.add("side_init")  # only the Fisher init reads an init file
+        assert differ == expect, m
