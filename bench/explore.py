@@ -30,6 +30,8 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     # item 5: the official code runs the frozen backbone in train mode, so its ladders see dropout; a cache cannot.
     # In the loop with backbone dropout on, against lst_inloop (off): does that difference matter?
     "lst_inloop_backbone_dropout": dict(feed="backbone", backbone_dropout=True),
+    # ...and from the cache, a stand-in: dropout on each cached state before its ladder (BERT's hidden dropout, 0.1)
+    "lst_ladder_dropout": dict(ladder_dropout=0.1),
 }
 LRS = [3e-4, 1e-3, 3e-3]
 BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors

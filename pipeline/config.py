@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.side_spec import ALL_DROPOUT_SITES
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 CODECS = ("zstd", "none", "blosc", "int8", "bitround")
@@ -243,6 +244,9 @@ class TrainConfig:
     ff_dropout: float = _f(0.1, "Side-net dropout inside the feed-forward, after the activation (official: 0.1).")
     emb_dropout: float = _f(0.1, "Dropout on the embedding output before the first ladder (official: 0.1).")
     final_dropout: float = _f(0.1, "Dropout after the side stack's final norm (official: 0.1).")
+    ladder_dropout: float = _f(0.0, "Dropout on each backbone state before its ladder down-projection. Not in the "
+                                    "official side net (0 = off): a cache-side stand-in for the official code's "
+                                    "train-mode backbone, whose dropout a cache of eval-mode states cannot hold.")
     mix_final: bool = _f(False, "Mix up(side) with the backbone's final state by a learned gate before the head, as "
                                 "QST does (and late fusion, on top of the ladders); reads the last layer's states.")
     downsampler: str = _f("linear", "Ladder down-projections: linear (LST: d -> d/r with bias) or lowrank (QST: "
@@ -296,7 +300,7 @@ class TrainConfig:
             raise ConfigError(f"grad_clip: must be a finite number > 0, got {self.grad_clip}")
         if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
             raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
-        for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
+        for name in ALL_DROPOUT_SITES:
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.pack and self.feed == "backbone":
@@ -318,8 +322,7 @@ class TrainConfig:
 
     @property
     def dropouts(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout",
-                                                     "final_dropout")}
+        return {k: float(getattr(self, k)) for k in ALL_DROPOUT_SITES}
 
 
 @dataclass

@@ -34,7 +34,9 @@ Dropout sites are the official side net's (T5's `dropout_rate`, 0.1, at each): t
 the first ladder, attention probabilities, inside the feed-forward, each residual branch, and after the final
 norm. The cached backbone states themselves are dropout-free (stage one runs the backbone in eval mode);
 the official code runs the frozen backbone in train mode, so its ladders see backbone dropout.
-`train_side --feed backbone --backbone-dropout` reproduces that for comparison.
+`train_side --feed backbone --backbone-dropout` reproduces that for comparison. `--ladder-dropout p` (ours,
+off by default) drops each backbone state's entries before its down-projection: a stand-in for that noise
+which a cache can give (bench/explore.py measures both).
 
 The side network sees the backbone only through `states`: a dict name -> (B, T, d) tensor. Stage two
 fills it from the ladder store; in-loop LST fills it from a live frozen backbone under no_grad. The
@@ -292,6 +294,7 @@ class SideStack(nn.Module):
         block = AdapterBlock if spec.variant == "adapter" else Block
         self.blocks = nn.ModuleList([block(spec, cross, j) for j in range(n)])
         self.emb_drop = nn.Dropout(spec.emb_dropout)
+        self.ladder_drop = nn.Dropout(spec.ladder_dropout)  # 0 (identity) unless set: not an official site
         self.first_down = make_down(spec)  # ladder of the embedding output
         self.uses_ladders = spec.uses_ladders
         self.fuse_after = spec.variant == "fuse_after"
@@ -311,7 +314,7 @@ class SideStack(nn.Module):
 
     def fuse(self, j: int, x, ladder, bias, mu=None):
         """Side state x (B, T, d/r) combined with ladder j, the backbone state (B, T, d) it reads."""
-        h = self.downs[j](ladder.to(x.dtype))  # (B, T, d/r)
+        h = self.downs[j](self.ladder_drop(ladder.to(x.dtype)))  # (B, T, d/r)
         if mu is not None:
             return mu[j] * x + (1 - mu[j]) * h
         return x + self.ladder_attn[j](self.ladder_norm[j](x), kv=h, bias=bias)
@@ -348,7 +351,7 @@ class SideStack(nn.Module):
 
         def fuse(j):
             nonlocal x_sel, x_all
-            h = ladders[j].to(x_sel.dtype)
+            h = self.ladder_drop(ladders[j].to(x_sel.dtype))
             x_sel = mu[j] * x_sel + (1 - mu[j]) * self.downs[j](rows(h))
             with torch.no_grad():
                 x_all = mu[j] * x_all + (1 - mu[j]) * self.downs[j](h)

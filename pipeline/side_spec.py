@@ -43,6 +43,7 @@ class SideSpec:
     ff_dropout: float = 0.1  # inside the feed-forward, after the activation
     emb_dropout: float = 0.1  # embedding output, before the first ladder
     final_dropout: float = 0.1  # after the side stack's final norm
+    ladder_dropout: float = 0.0  # not an official site: each backbone state before its down-projection (see side.py)
     mix_final: bool = False  # QST-style: up(side) mixed with the backbone's final state by a learned gate
     downsampler: str = "linear"  # ladder down-projections: linear (LST) or lowrank (QST, pipeline/side.py LowRankDown)
     downsampler_rank: int = 16  # lowrank: inner width (QST's peft_hidden_size)
@@ -69,7 +70,7 @@ class SideSpec:
             setattr(self, name, sorted(int(k) for k in keep))
         if self.dec_layers == self.layers:
             self.dec_layers = None  # one list for both stacks: the common case keeps one spelling
-        for name in ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"):
+        for name in ALL_DROPOUT_SITES:
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "fuse_after", "no_ladder")):
@@ -157,7 +158,8 @@ class SideSpec:
         return cls(**json.loads(text))
 
 
-DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")
+DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")  # the official side net's
+ALL_DROPOUT_SITES = DROPOUT_SITES + ("ladder_dropout",)  # + ours, off unless set by name
 
 
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
@@ -166,8 +168,8 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
                      **site_dropout) -> SideSpec:
     """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
     list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
-    is the rate at every dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
-    overrides one site."""
+    is the rate at every official dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
+    overrides one site; ladder_dropout (not an official site) is 0 unless named."""
     from pipeline.layout import family_of
 
     family = family_of(cfg.model_type)
@@ -196,7 +198,7 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
     keep = list(range(n)) if layers is None else list(layers)
     dec = None if dec_layers == "same" or family != "t5" and dec_layers is None else (
         list(range(n)) if dec_layers is None else list(dec_layers))
-    unknown = set(site_dropout) - set(DROPOUT_SITES)
+    unknown = set(site_dropout) - set(ALL_DROPOUT_SITES)
     if unknown:
         raise TypeError(f"spec_from_config: unknown dropout sites {sorted(unknown)}")
     rates = {site: float(dropout) for site in DROPOUT_SITES}

@@ -21,6 +21,8 @@ import warnings
 import torch
 from torch.func import functional_call, vmap
 
+from pipeline.side_spec import ALL_DROPOUT_SITES
+
 
 def shape_key(run) -> str:
     """Configs with equal keys can be stacked: same side-net structure and the same dropout rates."""
@@ -54,8 +56,7 @@ class StackedRuns:
         self.eps = g["eps"]
         self.wd = torch.tensor([r.opt.param_groups[0]["weight_decay"] for r in runs], device=first.device)
         self.clip = torch.tensor([float(r.cfg.grad_clip) for r in runs], device=first.device)
-        has_dropout = any(getattr(self.net.spec, k) > 0 for k in
-                          ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"))
+        has_dropout = any(getattr(self.net.spec, k) > 0 for k in ALL_DROPOUT_SITES)
         self.forward = vmap(self._loss, in_dims=(0, None), randomness="different" if has_dropout else "error")
 
     def _loss(self, params, batch):

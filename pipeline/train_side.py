@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, log, group: ddp.Group) -> dict:
 
 SWEEP_KEYS = ("lr", "seed", "r", "init", "side_init", "layers", "decoder_layers", "variant", "select_k", "epochs",
               "mix_final", "weight_decay", "warmup_steps", "grad_clip", "dropout", "attn_dropout", "ff_dropout",
-              "emb_dropout", "final_dropout")
+              "emb_dropout", "final_dropout", "ladder_dropout")
 SWEEP_TABLE = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 

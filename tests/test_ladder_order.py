@@ -269,8 +269,9 @@ def test_trainable_count_equals_closed_form_for_t5(dec_layers, tiny_t5):
     assert net.trainable_parameters() == want
 
 
-@pytest.mark.parametrize("site", ["dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout"])
-def test_each_official_dropout_site_is_active_in_training_only(site, tiny_t5, toy_task, tmp_path):
+@pytest.mark.parametrize("site", ["dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout",
+                                  "ladder_dropout"])
+def test_each_dropout_site_is_active_in_training_only(site, tiny_t5, toy_task, tmp_path):
     net, batch = _net_and_batch(tiny_t5, toy_task, tmp_path)
     hf = bbm.load_config(tiny_t5)
 
@@ -285,10 +286,24 @@ def test_each_official_dropout_site_is_active_in_training_only(site, tiny_t5, to
             m.train(train)(batch)
         return seen[0]
 
-    rates = {"dropout": 0.0, "attn_dropout": 0.0, "ff_dropout": 0.0, "emb_dropout": 0.0, "final_dropout": 0.0}
+    rates = {"dropout": 0.0, "attn_dropout": 0.0, "ff_dropout": 0.0, "emb_dropout": 0.0, "final_dropout": 0.0,
+             "ladder_dropout": 0.0}
     assert torch.equal(side_output(rates, True), side_output(rates, False))  # every site at 0: train == eval
     rates[site] = 0.5
     assert not torch.allclose(side_output(rates, True), side_output(rates, False), atol=1e-4)  # this site drops
+
+
+def test_ladder_dropout_is_off_unless_named_since_the_official_side_net_has_no_such_site(tiny_t5):
+    """`dropout=` sets the official sites only (T5's single dropout_rate); the cache-side ladder dropout stays 0,
+    and an old run folder's side_config.json without the field loads with it off."""
+    import json
+
+    hf = bbm.load_config(tiny_t5)
+    spec = spec_from_config(hf, 4, None, "ladder", "classification", 2, [0, 1], dropout=0.3)
+    assert spec.ladder_dropout == 0.0 and spec.dropout == spec.final_dropout == 0.3
+    old = {k: v for k, v in json.loads(spec.to_json()).items() if k != "ladder_dropout"}
+    assert type(spec).from_json(json.dumps(old)).ladder_dropout == 0.0
+    assert spec_from_config(hf, 4, None, "ladder", "classification", 2, [0, 1], ladder_dropout=0.2).ladder_dropout == 0.2
 
 
 @pytest.mark.parametrize("family", ["bert", "t5", "llama"])
