@@ -14,7 +14,9 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.side_spec import ALL_DROPOUT_SITES
+
+DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")  # the official side net's
+ALL_DROPOUT_SITES = DROPOUT_SITES + ("ladder_dropout",)  # + ours, off unless set by name
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 CODECS = ("zstd", "none", "blosc", "int8", "bitround")

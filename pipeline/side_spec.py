@@ -7,6 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from pipeline.config import ALL_DROPOUT_SITES, DROPOUT_SITES
 from pipeline.errors import ConfigError
 from pipeline.layout import EMB, SRC, TGT, state_name
 
@@ -157,9 +158,6 @@ class SideSpec:
     def from_json(cls, text: str) -> "SideSpec":
         return cls(**json.loads(text))
 
-
-DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")  # the official side net's
-ALL_DROPOUT_SITES = DROPOUT_SITES + ("ladder_dropout",)  # + ours, off unless set by name
 
 
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,

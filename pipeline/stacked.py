@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch.func import functional_call, vmap
 
-from pipeline.side_spec import ALL_DROPOUT_SITES
+from pipeline.config import ALL_DROPOUT_SITES
 
 
 def shape_key(run) -> str:
