@@ -19,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DROPOUT_OFF = dict(dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0)
+from pipeline.config import DROPOUT_SITES  # noqa: E402 - after the path insert
+
+DROPOUT_OFF = {site: 0.0 for site in DROPOUT_SITES}  # the official sites (ladder_dropout is off already)
 EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy.LST, r = 8)
     "lst_mix_final": dict(mix_final=True),  # QST: gated mix of up(side) with the backbone's final state
     "lst_epochs20": dict(epochs=20),

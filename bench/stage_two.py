@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe  # noqa: E402
 from pipeline.batches import reader  # noqa: E402
+from pipeline.config import DROPOUT_SITES  # noqa: E402
 
 
 def _sync(dev):
@@ -136,7 +137,7 @@ def stacking(a, cache: Path, dev) -> dict:
     from pipeline.stacked import StackedRuns
 
     K, n_batches = 4, 6
-    off = dict(dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0)
+    off = {site: 0.0 for site in DROPOUT_SITES}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     res = {}
     for dropout in ("official", "off"):

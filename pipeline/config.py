@@ -18,6 +18,13 @@ from pipeline.errors import ConfigError
 DROPOUT_SITES = ("dropout", "attn_dropout", "ff_dropout", "emb_dropout", "final_dropout")  # the official side net's
 ALL_DROPOUT_SITES = DROPOUT_SITES + ("ladder_dropout",)  # + ours, off unless set by name
 
+
+def check_dropout_rates(obj) -> None:
+    """Every dropout site of a TrainConfig or SideSpec in [0, 1); the error names the field."""
+    for name in ALL_DROPOUT_SITES:
+        if not 0.0 <= float(getattr(obj, name)) < 1.0:
+            raise ConfigError(f"{name}: must be in [0, 1), got {getattr(obj, name)}")
+
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 CODECS = ("zstd", "none", "blosc", "int8", "bitround")
 INITS = ("fisher", "magnitude", "random")
@@ -302,9 +309,7 @@ class TrainConfig:
             raise ConfigError(f"grad_clip: must be a finite number > 0, got {self.grad_clip}")
         if not (math.isfinite(float(self.weight_decay)) and float(self.weight_decay) >= 0):
             raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
-        for name in ALL_DROPOUT_SITES:
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        check_dropout_rates(self)
         if self.pack and self.feed == "backbone":
             raise ConfigError("pack: in-loop LST (--feed backbone) runs the backbone on padded batches; drop --pack")
         if self.pack and int(self.select_k):

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from pipeline.config import ALL_DROPOUT_SITES, DROPOUT_SITES
+from pipeline.config import ALL_DROPOUT_SITES, DROPOUT_SITES, check_dropout_rates
 from pipeline.errors import ConfigError
 from pipeline.layout import EMB, SRC, TGT, state_name
 
@@ -71,9 +71,7 @@ class SideSpec:
             setattr(self, name, sorted(int(k) for k in keep))
         if self.dec_layers == self.layers:
             self.dec_layers = None  # one list for both stacks: the common case keeps one spelling
-        for name in ALL_DROPOUT_SITES:
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        check_dropout_rates(self)
         if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "fuse_after", "no_ladder")):
             raise ConfigError("select_k: token-selective training is built for the ladder and no_ladder variants of "
                               f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import backbone as bbm
 from pipeline import ddp, prune
 from pipeline.batches import LadderBatch, reader
-from pipeline.config import TrainConfig, read_yaml, to_dict
+from pipeline.config import ALL_DROPOUT_SITES, TrainConfig, read_yaml, to_dict
 from pipeline.device import pick_device
 from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
@@ -332,8 +332,7 @@ def _train(cfg: TrainConfig, log, group: ddp.Group) -> dict:
 
 
 SWEEP_KEYS = ("lr", "seed", "r", "init", "side_init", "layers", "decoder_layers", "variant", "select_k", "epochs",
-              "mix_final", "weight_decay", "warmup_steps", "grad_clip", "dropout", "attn_dropout", "ff_dropout",
-              "emb_dropout", "final_dropout", "ladder_dropout")
+              "mix_final", "weight_decay", "warmup_steps", "grad_clip", *ALL_DROPOUT_SITES)
 SWEEP_TABLE = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 
