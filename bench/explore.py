@@ -1,8 +1,11 @@
-"""What closes the gap between LST and full fine-tuning on MiniLM (issue 10, item 9): side-net variants
-at one seed, each at its best learning rate on validation, with trainable parameters, stage-two peak
-memory and throughput beside the accuracy, so the trade-off is one table.
+"""What closes the gap between LST and full fine-tuning on MiniLM (issue 10, item 9): side-net variants,
+each at its best learning rate on validation, with trainable parameters, stage-two peak memory and
+throughput beside the accuracy, so the trade-off is one table.
 
-    python -m bench.explore --task rt-sentiment --device cpu
+    python -m bench.explore --task rt-sentiment --device cpu [--seeds 0,1,2] [--collect]
+
+A row is the mean over the seeds it has (the std beside it); --collect only reads finished result files,
+so a table can mix variants run at three seeds with variants run at one without training anything.
 
 Each run goes through bench.accuracy's job machinery (same caches, Fisher inits, per-job result files,
 resumable); bench/results/lst_explore.json collects them. The LST default is `lst_cache`. A method's lr grid
@@ -40,10 +43,13 @@ BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), count
 
 
 def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
-    """The method's result at every lr of --lrs: result files already written are read back; the rest train."""
+    """The method's result at every lr of --lrs: result files already written are read back; the rest train
+    (unless --collect, which returns only what has finished)."""
     from bench import accuracy as A
 
     jobs = [A.make_job(task, method, seed, lr, paths, a) for lr in a.lrs]
+    if a.collect:
+        return [json.loads(Path(j["result"]).read_text()) for j in jobs if Path(j["result"]).exists()]
     todo = [j for j in jobs if not Path(j["result"]).exists()]
     if todo and a.one_pass and A.lst_config(method)["feed"] == "cache":
         import dataclasses
@@ -65,6 +71,40 @@ def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
     return [r for r in (A.run_job(j) for j in jobs) if r is not None]
 
 
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def method_row(a, method: str, paths: dict) -> dict | None:
+    """One table row: per seed the run at its best lr on validation; val/test are the means over those seeds
+    (sample std beside them). None when no seed has a result (only with --collect)."""
+    from bench import accuracy as A
+
+    metric = A._headline(a.task)
+    per_seed = {}
+    for seed in a.seeds:
+        runs = lr_grid(a.task, method, seed, paths, a)
+        if runs:
+            best = max(runs, key=lambda r: r["val"][metric])
+            per_seed[seed] = (best, runs)
+    if not per_seed:
+        return None
+    best0, runs0 = next(iter(per_seed.values()))  # the lowest seed's run describes params, memory and speed
+    val, val_std = _mean_std([100 * b["val"][metric] for b, _ in per_seed.values()])
+    test, test_std = _mean_std([100 * b["test"][metric] for b, _ in per_seed.values()])
+    return {"method": method, "config": A.lst_config(method), "best_lr": best0["lr"],
+            "seeds": list(per_seed), "val": val, "val_std": val_std, "test": test, "test_std": test_std,
+            "by_seed": {str(s): {"lr": b["lr"], "val": 100 * b["val"][metric], "test": 100 * b["test"][metric],
+                                 "best_epoch": b.get("best_epoch")} for s, (b, _) in per_seed.items()},
+            "by_lr": {f"{r['lr']:g}": {"val": 100 * r["val"][metric], "test": 100 * r["test"][metric]}
+                      for r in runs0},
+            "trainable_params": best0["trainable_params"],
+            "trainable_pct_of_backbone": 100 * best0["trainable_params"] / BACKBONE_PARAMS,
+            "peak_memory_mb": best0.get("peak_memory_mb"), "train_tokens_per_s": best0["train_tokens_per_s"],
+            "best_epoch": best0.get("best_epoch")}
+
+
 def main():
     from bench import accuracy as A
     from bench.machine import describe
@@ -72,7 +112,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="rt-sentiment")
     ap.add_argument("--methods", default=",".join(["lst_cache", *EXPLORE]))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated; a row is the mean over its seeds")
+    ap.add_argument("--collect", action="store_true", help="only read finished result files; train nothing")
     ap.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default="data/bench_accuracy")
@@ -86,27 +127,20 @@ def main():
     a = ap.parse_args()
     a.limit, a.epochs = 0, 0
     a.lrs = [float(x) for x in a.lrs.split(",")]
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     methods = a.methods.split(",")
     a.lst_methods = methods
     t0 = time.perf_counter()
     paths = A.prepare(a.task, a)
     rows = []
     for m in methods:
-        runs = lr_grid(a.task, m, a.seed, paths, a)
-        metric = A._headline(a.task)
-        best = max(runs, key=lambda r: r["val"][metric])
-        rows.append({"method": m, "config": A.lst_config(m), "best_lr": best["lr"],
-                     "val": 100 * best["val"][metric], "test": 100 * best["test"][metric],
-                     "by_lr": {f"{r['lr']:g}": {"val": 100 * r["val"][metric], "test": 100 * r["test"][metric]}
-                               for r in runs},
-                     "trainable_params": best["trainable_params"],
-                     "trainable_pct_of_backbone": 100 * best["trainable_params"] / BACKBONE_PARAMS,
-                     "peak_memory_mb": best.get("peak_memory_mb"), "train_tokens_per_s": best["train_tokens_per_s"],
-                     "best_epoch": best.get("best_epoch")})
-        print(json.dumps(rows[-1]), flush=True)
+        row = method_row(a, m, paths)
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     out = Path(a.out)
     res = json.loads(out.read_text()) if out.exists() else {"tasks": {}}
-    res["tasks"][a.task] = {"headline_metric": A._headline(a.task), "seed": a.seed, "lrs": a.lrs, "rows": rows,
+    res["tasks"][a.task] = {"headline_metric": A._headline(a.task), "seeds": a.seeds, "lrs": a.lrs, "rows": rows,
                             "run": {"command": " ".join(["python -m bench.explore"] + sys.argv[1:]),
                                     **describe(A._device(a.device))},
                             "wall_s": time.perf_counter() - t0}

@@ -314,18 +314,27 @@ def stage_two_table(d) -> list[str]:
     return out
 
 
+def _seeds_cell(mean: float, std: float | None, n: int) -> str:
+    """A mean over n seeds with its std, or "(1 seed)" where there is no spread to show."""
+    return f"{mean:.2f} ± {std:.2f} ({n} seeds)" if n > 1 else f"{mean:.2f} (1 seed)"
+
+
 def explore_table(d) -> list[str]:
-    """bench/explore.py: side-net variants at one seed, accuracy beside trainable share, memory and speed."""
+    """bench/explore.py: side-net variants (mean over the seeds each has), accuracy beside trainable share,
+    memory and speed."""
     out = []
     for task, t in d["tasks"].items():
         lrs = ", ".join(f"{x:g}" for x in t["lrs"])
-        out += [f"What closes the gap on {task} (one seed, {t['headline_metric']}, each variant at its best lr on "
-                f"validation of {lrs}; {t['run']['device']}, shared with other jobs: tokens/s and peak RSS (one process for "
-                f"every row) are not comparable across rows; `{t['run']['command']}`):", "",
+        out += [f"What closes the gap on {task} ({t['headline_metric']}, mean ± std over the seeds each variant has "
+                f"run, each seed at its best lr on validation of {lrs}; {t['run']['device']}, shared with other jobs: "
+                f"tokens/s and peak RSS (one process for every row) are not comparable across rows; "
+                f"`{t['run']['command']}`):", "",
                 "| variant | lr | val | test | trainable (% of backbone) | stage-two peak (MB) | train tokens/s |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
         for r in t["rows"]:
-            out.append(f"| {r['method']} | {r['best_lr']:g} | {r['val']:.2f} | {r['test']:.2f} | "
+            n = len(r.get("seeds", [0]))  # rows written before --seeds had one seed
+            out.append(f"| {r['method']} | {r['best_lr']:g} | {_seeds_cell(r['val'], r.get('val_std'), n)} | "
+                       f"{_seeds_cell(r['test'], r.get('test_std'), n)} | "
                        f"{r['trainable_params']:,} ({r['trainable_pct_of_backbone']:.2f}%) | "
                        f"{_fmt(r['peak_memory_mb'], ',.0f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
         out.append("")

@@ -250,3 +250,31 @@ def test_every_accuracy_and_explore_method_is_a_valid_train_config_differing_fro
         if "init" in over:
             expect.add("side_init")  # only the Fisher init reads an init file
         assert differ == expect, m
+
+
+def test_explore_row_is_the_mean_over_seeds_each_at_its_best_val_lr_and_collect_trains_nothing(tmp_path):
+    """bench.explore --collect: per seed the lr with the best validation score is taken (not the best test), the row
+    is the mean and sample std over the seeds that finished, and a seed without results is left out untrained."""
+    import argparse
+    import json
+
+    from bench.explore import method_row
+
+    a = argparse.Namespace(task="rt-sentiment", seeds=[0, 1, 2], lrs=[1e-3, 3e-3], collect=True, one_pass=True,
+                           work=str(tmp_path), jobs_dir=str(tmp_path / "jobs"), backbone="b", epochs=0,
+                           device="cpu", data_dir="d", jobs=1)
+    # (seed, lr) -> (val, test): seed 0 picks lr 3e-3 by val although 1e-3 has the better test; seed 2 never ran
+    runs = {(0, 1e-3): (0.80, 0.90), (0, 3e-3): (0.85, 0.82), (1, 1e-3): (0.84, 0.86)}
+    for (seed, lr), (val, test) in runs.items():
+        p = tmp_path / "jobs" / "rt-sentiment" / f"lst_ladder_dropout_s{seed}_lr{lr:g}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"lr": lr, "val": {"accuracy": val}, "test": {"accuracy": test},
+                                 "trainable_params": 1000, "train_tokens_per_s": 5.0, "best_epoch": 3}))
+    row = method_row(a, "lst_ladder_dropout", paths={})
+    assert row["seeds"] == [0, 1]
+    assert row["by_seed"]["0"]["lr"] == 3e-3
+    assert row["test"] == pytest.approx((82 + 86) / 2)
+    assert row["test_std"] == pytest.approx(2 * 2 ** 0.5)  # sample std of 82 and 86
+    assert row["val"] == pytest.approx((85 + 84) / 2)
+    assert not (tmp_path / "runs").exists()
+    assert method_row(a, "lst_r16", paths={}) is None
