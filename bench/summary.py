@@ -319,6 +319,17 @@ def _seeds_cell(mean: float, std: float | None, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f} ({n} seeds)" if n > 1 else f"{mean:.2f} (1 seed)"
 
 
+def _paired_delta(row: dict, base: dict | None) -> str:
+    """Mean test difference to the base row over the seeds both have (a seed's noise cancels in the pair)."""
+    if base is None or row is base:
+        return ""
+    common = [k for k in row.get("by_seed", {}) if k in base.get("by_seed", {})]
+    if not common:
+        return ""
+    d = [row["by_seed"][k]["test"] - base["by_seed"][k]["test"] for k in common]
+    return f"{sum(d) / len(d):+.2f} ({', '.join(f'{x:+.1f}' for x in d)})"
+
+
 def explore_table(d) -> list[str]:
     """bench/explore.py: side-net variants (mean over the seeds each has), accuracy beside trainable share,
     memory and speed."""
@@ -329,12 +340,14 @@ def explore_table(d) -> list[str]:
                 f"run, each seed at its best lr on validation of {lrs}; {t['run']['device']}, shared with other jobs: "
                 f"tokens/s and peak RSS (one process for every row) are not comparable across rows; "
                 f"`{t['run']['command']}`):", "",
-                "| variant | lr | val | test | trainable (% of backbone) | stage-two peak (MB) | train tokens/s |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                "| variant | lr | val | test | test − lst_cache, paired by seed (pt) | trainable (% of backbone) "
+                "| stage-two peak (MB) | train tokens/s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        base = next((r for r in t["rows"] if r["method"] == "lst_cache"), None)
         for r in t["rows"]:
             n = len(r.get("seeds", [0]))  # rows written before --seeds had one seed
             out.append(f"| {r['method']} | {r['best_lr']:g} | {_seeds_cell(r['val'], r.get('val_std'), n)} | "
-                       f"{_seeds_cell(r['test'], r.get('test_std'), n)} | "
+                       f"{_seeds_cell(r['test'], r.get('test_std'), n)} | {_paired_delta(r, base)} | "
                        f"{r['trainable_params']:,} ({r['trainable_pct_of_backbone']:.2f}%) | "
                        f"{_fmt(r['peak_memory_mb'], ',.0f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
         out.append("")

@@ -278,3 +278,22 @@ def test_explore_row_is_the_mean_over_seeds_each_at_its_best_val_lr_and_collect_
     assert row["val"] == pytest.approx((85 + 84) / 2)
     assert not (tmp_path / "runs").exists()
     assert method_row(a, "lst_r16", paths={}) is None
+
+
+def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have():
+    """bench.summary: the paired column subtracts lst_cache's test score seed by seed, only over common seeds."""
+    from bench.summary import explore_table
+
+    def row(method, by_seed):
+        tests = [v for v in by_seed.values()]
+        return {"method": method, "best_lr": 1e-3, "seeds": [int(k) for k in by_seed], "val": 80.0, "val_std": 0.0,
+                "test": sum(tests) / len(tests), "test_std": 0.0, "trainable_params": 10,
+                "trainable_pct_of_backbone": 1.0, "peak_memory_mb": None, "train_tokens_per_s": None,
+                "by_seed": {k: {"lr": 1e-3, "val": 80.0, "test": v} for k, v in by_seed.items()}}
+
+    d = {"tasks": {"rt-sentiment": {"headline_metric": "accuracy", "lrs": [1e-3], "run": {"device": "cpu", "command": "c"},
+                                    "rows": [row("lst_cache", {"0": 82.0, "1": 83.0, "2": 84.0}),
+                                             row("lst_ladder_dropout", {"0": 83.0, "2": 83.0})]}}}
+    lines = [x for x in explore_table(d) if x.startswith("| lst_")]
+    assert "| +0.00 (+1.0, -1.0) |" in lines[1]  # seed 1 has no pair: left out, not compared with 83.0
+    assert "2 seeds" in lines[1] and "3 seeds" in lines[0]
