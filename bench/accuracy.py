@@ -222,7 +222,10 @@ def run_job(job: dict) -> dict:
 def save_result(job: dict, res: dict, wall_s: float) -> dict:
     """Write a finished job's result file (atomically: a rerun skips the job only if it is whole)."""
     path = Path(job["result"])
+    from bench.machine import describe
+
     res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s)
+    res.setdefault("device", describe(_device(job["device"]))["device"])  # a table may mix runs from several machines
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))

@@ -102,7 +102,8 @@ def method_row(a, method: str, paths: dict) -> dict | None:
             "trainable_params": best0["trainable_params"],
             "trainable_pct_of_backbone": 100 * best0["trainable_params"] / BACKBONE_PARAMS,
             "peak_memory_mb": best0.get("peak_memory_mb"), "train_tokens_per_s": best0["train_tokens_per_s"],
-            "best_epoch": best0.get("best_epoch")}
+            "best_epoch": best0.get("best_epoch"),
+            "device": best0.get("device")}  # None: a result file from before devices were recorded
 
 
 def main():

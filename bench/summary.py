@@ -337,19 +337,20 @@ def explore_table(d) -> list[str]:
     for task, t in d["tasks"].items():
         lrs = ", ".join(f"{x:g}" for x in t["lrs"])
         out += [f"What closes the gap on {task} ({t['headline_metric']}, mean ± std over the seeds each variant has "
-                f"run, each seed at its best lr on validation of {lrs}; {t['run']['device']}, shared with other jobs: "
-                f"tokens/s and peak RSS (one process for every row) are not comparable across rows; "
+                f"run, each seed at its best lr on validation of {lrs}; tokens/s and peak memory are each row's own "
+                f"run, on the device it names, CPU runs shared with other jobs: not comparable across rows; "
                 f"`{t['run']['command']}`):", "",
                 "| variant | lr | val | test | test − lst_cache, paired by seed (pt) | trainable (% of backbone) "
-                "| stage-two peak (MB) | train tokens/s |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| stage-two peak (MB) | train tokens/s | ran on |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         base = next((r for r in t["rows"] if r["method"] == "lst_cache"), None)
         for r in t["rows"]:
             n = len(r.get("seeds", [0]))  # rows written before --seeds had one seed
             out.append(f"| {r['method']} | {r['best_lr']:g} | {_seeds_cell(r['val'], r.get('val_std'), n)} | "
                        f"{_seeds_cell(r['test'], r.get('test_std'), n)} | {_paired_delta(r, base)} | "
                        f"{r['trainable_params']:,} ({r['trainable_pct_of_backbone']:.2f}%) | "
-                       f"{_fmt(r['peak_memory_mb'], ',.0f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
+                       f"{_fmt(r['peak_memory_mb'], ',.0f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} | "
+                       f"{r.get('device') or 'as the suite’s LST rows (where each task ran, above)'} |")
         out.append("")
     return out
 
