@@ -129,7 +129,7 @@ def plan(work: Path) -> list[Job]:
         for s in SEEDS[1:]:
             jobs.append(Job(f"{t}/lst_cache_s{s}", lst, [f"{t}/fisher_l10"], task=t, seed=s, lr=lr, variant="lst_cache"))
     for v, over in VARIANTS.items():
-        for t in VARIANT_TASKS.get(v, TASKS):
+        for t in (t for t in VARIANT_TASKS.get(v, TASKS) if t in TASKS):  # LLM_BENCH_TASKS limits these too
             lr = best_lr(work, t)
             if lr is None:
                 continue

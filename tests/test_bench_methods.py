@@ -297,3 +297,21 @@ def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have(
     lines = [x for x in explore_table(d) if x.startswith("| lst_")]
     assert "| +0.00 (+1.0, -1.0) |" in lines[1]  # seed 1 has no pair: left out, not compared with 83.0
     assert "2 seeds" in lines[1] and "3 seeds" in lines[0]
+
+
+def test_llm_plan_limited_to_some_tasks_leaves_out_the_other_tasks_variants(tmp_path, monkeypatch):
+    """LLM_BENCH_TASKS=hedge-conll2010: a variant tied to another task (lst_chat runs on rt-sentiment only) is not
+    planned, even when that task's lr is known from an earlier run in the same work folder."""
+    import json
+
+    from bench import llm
+
+    monkeypatch.setattr(llm, "TASKS", {"hedge-conll2010": 20})
+    for t in ("rt-sentiment", "hedge-conll2010"):
+        for lr in llm.LST_LRS:
+            p = tmp_path / "jobs" / t / f"lst_cache_s0_lr{lr:g}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"lr": lr, "val": {"accuracy": 0.8}, "test": {"accuracy": 0.8}}))
+    names = [j.name for j in llm.plan(tmp_path)]
+    assert not [n for n in names if n.startswith("rt-sentiment/")]
+    assert "hedge-conll2010/lst_l30_s0" in names and "hedge-conll2010/lst_cache_s1" in names
