@@ -221,9 +221,9 @@ def run_job(job: dict) -> dict:
 
 def save_result(job: dict, res: dict, wall_s: float) -> dict:
     """Write a finished job's result file (atomically: a rerun skips the job only if it is whole)."""
-    path = Path(job["result"])
     from bench.machine import describe
 
+    path = Path(job["result"])
     res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s)
     res.setdefault("device", describe(_device(job["device"]))["device"])  # a table may mix runs from several machines
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,15 +260,20 @@ def frozen(task, paths) -> dict:
     return {k[len("baseline_"):]: v for k, v in m.items()}
 
 
+def mean_std(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample std over seeds; one seed has no spread to show (0.0, which tables print as "1 seed")."""
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
 def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
     metric = _headline(task)
     out = {"headline_metric": metric, "methods": {}}
     for method in sorted({r["method"] for r in rows}):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         vals = [100 * r["test"][metric] for r in rs]
+        mean, std = mean_std(vals)
         out["methods"][method] = {
-            "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "test": vals,
-            "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "test": vals, "mean": mean, "std": std,
             "test_accuracy_mean": statistics.mean(100 * r["test"].get("accuracy", float("nan")) for r in rs),
             "trainable_params": rs[0]["trainable_params"]}
     if frozen_test is not None:

@@ -71,32 +71,27 @@ def lr_grid(task: str, method: str, seed: int, paths: dict, a) -> list[dict]:
     return [r for r in (A.run_job(j) for j in jobs) if r is not None]
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-
-
 def method_row(a, method: str, paths: dict) -> dict | None:
     """One table row: per seed the run at its best lr on validation; val/test are the means over those seeds
     (sample std beside them). None when no seed has a result (only with --collect)."""
     from bench import accuracy as A
 
     metric = A._headline(a.task)
-    per_seed = {}
+    per_seed, runs0 = {}, None  # seed -> its best-val run; runs0: the first seed's lr grid (by_lr)
     for seed in a.seeds:
         runs = lr_grid(a.task, method, seed, paths, a)
         if runs:
-            best = max(runs, key=lambda r: r["val"][metric])
-            per_seed[seed] = (best, runs)
+            per_seed[seed] = max(runs, key=lambda r: r["val"][metric])
+            runs0 = runs0 or runs
     if not per_seed:
         return None
-    best0, runs0 = next(iter(per_seed.values()))  # the lowest seed's run describes params, memory and speed
-    val, val_std = _mean_std([100 * b["val"][metric] for b, _ in per_seed.values()])
-    test, test_std = _mean_std([100 * b["test"][metric] for b, _ in per_seed.values()])
+    best0 = next(iter(per_seed.values()))  # the first seed's run describes params, memory and speed
+    val, val_std = A.mean_std([100 * b["val"][metric] for b in per_seed.values()])
+    test, test_std = A.mean_std([100 * b["test"][metric] for b in per_seed.values()])
     return {"method": method, "config": A.lst_config(method), "best_lr": best0["lr"],
             "seeds": list(per_seed), "val": val, "val_std": val_std, "test": test, "test_std": test_std,
             "by_seed": {str(s): {"lr": b["lr"], "val": 100 * b["val"][metric], "test": 100 * b["test"][metric],
-                                 "best_epoch": b.get("best_epoch")} for s, (b, _) in per_seed.items()},
+                                 "best_epoch": b.get("best_epoch")} for s, b in per_seed.items()},
             "by_lr": {f"{r['lr']:g}": {"val": 100 * r["val"][metric], "test": 100 * r["test"][metric]}
                       for r in runs0},
             "trainable_params": best0["trainable_params"],

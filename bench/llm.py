@@ -590,7 +590,9 @@ def drive(work: Path, data_dir: str, retry_failed: bool, skip: tuple[str, ...] =
 # ---------------------------------------------------------------- collecting
 
 def _mean_std(vals):
-    return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0) if vals else (None, None)
+    from bench.accuracy import mean_std
+
+    return mean_std(vals) if vals else (None, None)
 
 
 def collect(work: Path) -> dict:
