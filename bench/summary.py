@@ -378,7 +378,7 @@ def llm_table(d) -> list[str]:
         st = d["tasks"][t].get("stores", {}).get("l10")
         if st:
             out.append(f"\n{t}: every third layer in fp16/zstd takes {st['bytes_per_token']:,.0f} bytes per token on "
-                       f"disk (all 30 layers raw: 34,560); stage one ran at {st['stage_one_tokens_per_s']:.0f} tokens/s.")
+                       f"disk (all 30 layers raw: 34,560); stage one ran at {st['stage_one_tokens_per_s']:.0f} tokens/s (one torch thread beside another job: a log figure, not a speed measurement).")
     ratio = d.get("llm_stage_two_peak_memory_ratio_vs_lora")
     if ratio is not None:
         out.append(f"\nStage-two peak memory on one batch, LST from the cache / LoRA: {ratio:.2f}.")
