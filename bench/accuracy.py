@@ -75,8 +75,12 @@ def prepare(task: str, a) -> dict:
     # zstd: the baselines read token ids from it; the other codecs only where an LST method reads them
     for codec in ["zstd"] + sorted({lst_config(m)["codec"] for m in methods} - {"zstd"}):
         out = work / f"cache_{codec}"
+        # train-mode passes of the train split, as many as a method reading this codec's cache needs
+        passes = max([lst_config(m).get("dropout_passes", 0) for m in methods if lst_config(m)["codec"] == codec],
+                     default=0)
         cache_activations.run(CacheConfig(backbone=a.backbone, task=task, max_length=t["max_length"], dtype="fp16", codec=codec,
-                              out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit), log=print)
+                              out=str(out), data_dir=a.data_dir, device=a.device, limit=a.limit,
+                              dropout_passes=passes), log=print)
         paths[codec] = str(out)
     for variant, r in sorted({(lst_config(m)["variant"], lst_config(m)["r"]) for m in methods}):
         init = work / f"side_init_fisher_{variant}_r{r}.safetensors"  # an init file names its variant and r

@@ -37,6 +37,11 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     "lst_inloop_backbone_dropout": dict(feed="backbone", backbone_dropout=True),
     # ...and from the cache, a stand-in: dropout on each cached state before its ladder (BERT's hidden dropout, 0.1)
     "lst_ladder_dropout": dict(ladder_dropout=0.1),
+    # ...or the real thing from the cache: K stored train-mode passes of the backbone, epoch e reading pass e mod K.
+    # K = the suite's 10 epochs draws fresh masks every epoch as the loop does (10x the train store); K = 2 reuses
+    # the same store's first two passes
+    "lst_dropout_passes": dict(dropout_passes=10),
+    "lst_dropout_passes2": dict(dropout_passes=2),
 }
 LRS = [3e-4, 1e-3, 3e-3]
 BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors

@@ -63,7 +63,7 @@ from pipeline.durable import crash_once, crash_point
 from pipeline.errors import BackboneError, ConfigError, StoreError
 from pipeline.layout import TGT
 from pipeline.padding import candidate_inputs
-from pipeline.state_rows import SORT_WINDOW, check_finite, window_rows
+from pipeline.state_rows import SORT_WINDOW, check_finite, dropout_seed, window_rows
 
 # About 4 ranges per worker: the last range to finish leaves the other workers idle for at most a quarter of
 # a worker's share, and the repeated window at each range boundary stays bounded (rt-sentiment train, 242k
@@ -134,6 +134,7 @@ class RangeJob:
     skip: dict[str, set]  # src shards already recorded, per array
     cand_ids: list[np.ndarray]
     decoder_start: int
+    dropout_pass: int | None = None  # train-mode pass (state_rows.dropout_seed), None: eval mode
 
 
 @dataclass
@@ -233,7 +234,8 @@ def run_range(job: RangeJob) -> dict:
     window = cfg.batch_size * SORT_WINDOW
     for b in range(e0, e1, window):
         idx = range(b, min(b + window, e1))
-        rows = window_rows(bb, job.ids[b - e0: idx.stop - e0], job.cand_ids, job.names, cand, cfg.batch_size)
+        rows = window_rows(bb, job.ids[b - e0: idx.stop - e0], job.cand_ids, job.names, cand, cfg.batch_size,
+                           dropout_seed(cfg.seed, job.dropout_pass, b))
         for name in job.names:
             check_finite(rows[name], name, idx, job.split, cfg, job.dtype)
         n_rows = rows[src[0]].shape[0]
@@ -382,7 +384,7 @@ def describe_backbone(cfg: CacheConfig, client, log=print) -> Backbone:
 
 
 def write_states(cfg: CacheConfig, client, bb: Backbone, split: str, enc, names: list[str], writer,
-                 dtype: str, log=print) -> tuple[int, float]:
+                 dtype: str, log=print, dropout_pass: int | None = None) -> tuple[int, float]:
     """The cluster's counterpart of cache_activations._write_states: plan, submit, record, seal."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
@@ -416,7 +418,7 @@ def write_states(cfg: CacheConfig, client, bb: Backbone, split: str, enc, names:
         job = RangeJob(wcfg, str(store), owner, bb.sha256, str(bb.dtype).removeprefix("torch."), split, dtype,
                        names, k, r, enc.src_ids[r.examples[0]:r.examples[1]], int(writer.offsets[r.examples[0]]),
                        int(writer.offsets[-1]), {m: done[m] & set(range(*r.shards)) for m in src}, cand_ids,
-                       start_id)
+                       start_id, dropout_pass)
         range_futs[k] = client.submit(run_range, job, pure=False, key=f"ladder-{split}-range-{k}-{run}")
         watch.append(client.submit(_part, range_futs[k], "summary", pure=False,
                                    key=f"ladder-{split}-range-{k}-summary-{run}"))

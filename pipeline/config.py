@@ -138,6 +138,10 @@ class CacheConfig:
                          "on it (tiny T5's decoder: 1 vs 2 threads), so fix it to compare stores across schedulers.")
     prompt_format: str = _f("plain", "Decoder-only prompts: plain (the T5-style text, ' <verbalizer>' after it) or "
                                      "chat (the model's chat template with the task's instruction).")
+    dropout_passes: int = _f(0, "Also write K stores train.dropout<i>.zarr, each a pass of the backbone over the train "
+                                "split in train mode (its own dropout on, masks seeded by --seed, the pass and the "
+                                "window), for train_side --dropout-passes: the official code's train-mode backbone "
+                                "from a cache, at K times the train store's size (0 = off).")
 
     def __post_init__(self):
         _check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
@@ -157,6 +161,8 @@ class CacheConfig:
             raise ConfigError(f"limit: must be >= 0 (0 = all examples), got {self.limit}")
         if int(self.threads) < 0:
             raise ConfigError(f"threads: must be >= 0 (0 = torch's default), got {self.threads}")
+        if int(self.dropout_passes) < 0:
+            raise ConfigError(f"dropout_passes: must be >= 0 (0 = off), got {self.dropout_passes}")
         if self.chunk_tokens <= 0 or self.shard_tokens % self.chunk_tokens:
             raise ConfigError(
                 f"shard_tokens: {self.shard_tokens} must be a positive multiple of chunk_tokens ({self.chunk_tokens})"
@@ -263,7 +269,11 @@ class TrainConfig:
     downsampler_rank: int = _f(16, "lowrank downsamplers: the inner width k (QST's peft_hidden_size, 16 in its "
                                    "scripts).")
     backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
-                                       "see its dropout as in the official code (cached states never do).")
+                                       "see its dropout as in the official code (eval-mode cached states never do).")
+    dropout_passes: int = _f(0, "Train epoch e on the cache's train-mode pass e mod K (train.dropout<i>.zarr, from "
+                                "cache_activations --dropout-passes K) instead of its eval-mode train store: the "
+                                "official code's backbone dropout from a cache. K = --epochs draws fresh masks every "
+                                "epoch, as in the loop (0 = off).")
     seed: int = _f(0, "Seed of init, shuffling and dropout.")
     limit: int = _f(0, "Train on the first N cached examples only (0 = all).")
     feed: str = _f("cache", "cache (ours) or backbone (in-loop LST over the same examples).")
@@ -315,7 +325,12 @@ class TrainConfig:
         if self.pack and int(self.select_k):
             raise ConfigError("pack: token-selective training (select_k) takes padded batches; drop one of them")
         if self.backbone_dropout and self.feed != "backbone":
-            raise ConfigError("backbone_dropout: only with --feed backbone (a cache holds dropout-free states)")
+            raise ConfigError("backbone_dropout: only with --feed backbone; from the cache use --dropout-passes")
+        if int(self.dropout_passes) < 0:
+            raise ConfigError(f"dropout_passes: must be >= 0 (0 = off), got {self.dropout_passes}")
+        if int(self.dropout_passes) and self.feed != "cache":
+            raise ConfigError("dropout_passes: reads the cache's train-mode passes (--feed cache); in the loop use "
+                              "--backbone-dropout")
         parse_layers(self.layers)
         parse_decoder_layers(self.decoder_layers)
 

@@ -497,6 +497,11 @@ class StoreWriter:
 
 # ---------------------------------------------------------------- reading
 
+def store_path(out, split: str, dropout_pass: int | None = None) -> Path:
+    """<split>.zarr, or train.dropout<i>.zarr for train-mode pass i (stage two's --dropout-passes)."""
+    return Path(out) / (f"{split}.zarr" if dropout_pass is None else f"{split}.dropout{dropout_pass}.zarr")
+
+
 class LadderStore:
     """Read side of a finished store. Refuses incomplete, damaged and mismatched stores.
 

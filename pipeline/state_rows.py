@@ -11,6 +11,8 @@ hedge-conll2010 plain prompts average 34.5 tokens but a batch of 32 in file orde
 forward spent on padding)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -33,26 +35,49 @@ def forward_windows(lengths: np.ndarray, batch_size: int, start: int = 0):
         yield w, [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
 
 
+def dropout_seed(seed: int, dropout_pass: int | None, window_start: int) -> int | None:
+    """The dropout masks' seed of one window of a train-mode pass (None: an eval-mode store): a function of the
+    window alone, so a resumed run or a dask range draws the clean run's masks."""
+    if dropout_pass is None:
+        return None
+    return int(np.random.SeedSequence([seed, dropout_pass, window_start]).generate_state(1)[0])
+
+
 def window_rows(bb: Backbone, src_ids: list[np.ndarray], cand_ids: list[np.ndarray], names: list[str],
-                cand: tuple | None, batch_size: int) -> dict[str, torch.Tensor]:
+                cand: tuple | None, batch_size: int, seed: int | None = None) -> dict[str, torch.Tensor]:
     """One window (consecutive examples, starting at a window boundary) as store rows (float32), in example
     order: src states ragged, (tokens, d) with the padding dropped; target states K rows per example, every
-    candidate's stored rows (layout.tgt_lengths) in candidate order. `cand`: padding.candidate_inputs()."""
+    candidate's stored rows (layout.tgt_lengths) in candidate order. `cand`: padding.candidate_inputs().
+    `seed` (dropout_seed): run the backbone in train mode, its dropout masks drawn from this seed."""
     lengths = np.array([len(s) for s in src_ids])
     rows_of, C = tgt_lengths(bb.family, cand_ids), len(cand_ids)
     per: dict[str, list] = {name: [None] * len(src_ids) for name in names}
-    for _, batches in forward_windows(lengths, batch_size):
-        for idx in batches:
-            ids, mask = pad([src_ids[i] for i in idx])
-            states = forward_states(bb, ids, mask, names, cand)
-            for name in names:
-                h = states[name]
-                for j, i in enumerate(idx):
-                    if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
-                        per[name][i] = torch.cat([h[j * C + c, : rows_of[c]] for c in range(C)])
-                    else:
-                        per[name][i] = h[j, : lengths[i]]  # ragged: padding dropped here
+    with backbone_mode(bb, seed):
+        for _, batches in forward_windows(lengths, batch_size):
+            for idx in batches:
+                ids, mask = pad([src_ids[i] for i in idx])
+                states = forward_states(bb, ids, mask, names, cand)
+                for name in names:
+                    h = states[name]
+                    for j, i in enumerate(idx):
+                        if name.startswith(TGT):  # (B*C, U, d) -> K rows per example, candidates concatenated
+                            per[name][i] = torch.cat([h[j * C + c, : rows_of[c]] for c in range(C)])
+                        else:
+                            per[name][i] = h[j, : lengths[i]]  # ragged: padding dropped here
     return {name: torch.cat(v).float() for name, v in per.items()}
+
+
+@contextmanager
+def backbone_mode(bb: Backbone, seed: int | None):
+    """Eval mode (seed None), or train mode with dropout masks drawn from `seed`; the caller's RNG is untouched."""
+    with torch.random.fork_rng(devices=[bb.device] if bb.device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        bb.model.train(seed is not None)
+        try:
+            yield
+        finally:
+            bb.model.eval()
 
 
 def check_finite(rows: torch.Tensor, name: str, idx: range, split: str, cfg: CacheConfig, dtype: str) -> None:

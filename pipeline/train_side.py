@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import backbone as bbm
 from pipeline import ddp, prune
-from pipeline.batches import LadderBatch, reader
+from pipeline.batches import LadderBatch, Reader, reader
 from pipeline.config import ALL_DROPOUT_SITES, TrainConfig, read_yaml, to_dict
 from pipeline.device import pick_device
 from pipeline.durable import atomic_json, atomic_path, crash_point
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.evaluate import score_store
-from pipeline.ladder_store import LadderStore
+from pipeline.ladder_store import LadderStore, store_path
 from pipeline.layout import SRC, TGT
 from pipeline.metrics import scores_metrics
 from pipeline.padding import candidate_inputs
@@ -49,12 +49,28 @@ KILL_ENV = "LADDER_CACHE_KILL_AFTER_EPOCH"
 
 
 def open_store(cfg: TrainConfig, split: str) -> LadderStore:
-    path = Path(cfg.cache) / f"{split}.zarr"
+    path = store_path(cfg.cache, split)
     # every field this config fixes: a store made with another backbone or max_length is refused, all of
     # its differing fields named at once (the layers the side net needs are checked in setup)
-    expect = {"task": get_task(cfg.task).name, "split": split, "max_length": int(cfg.max_length),
-              **bbm.backbone_identity(cfg.backbone)}
-    return LadderStore(path, expect=expect)
+    return LadderStore(path, expect=_expect(cfg, split))
+
+
+def _expect(cfg: TrainConfig, split: str) -> dict:
+    return {"task": get_task(cfg.task).name, "split": split, "max_length": int(cfg.max_length),
+            **bbm.backbone_identity(cfg.backbone)}
+
+
+def open_passes(cfg: TrainConfig, train: LadderStore) -> list[LadderStore]:
+    """Stage one's train-mode passes (--dropout-passes K): the train store's examples, states and layers, pass i."""
+    passes = []
+    for i in range(cfg.dropout_passes):
+        path = store_path(cfg.cache, "train", i)
+        if not path.exists():
+            raise StoreError(f"dropout_passes: {path} does not exist; run stage one with --dropout-passes "
+                             f"{cfg.dropout_passes} on {cfg.cache}")
+        same = {k: train.fingerprint[k] for k in ("content_hash", "limit", "layers", "decoder_layers")}
+        passes.append(LadderStore(path, expect={**_expect(cfg, "train"), **same, "dropout_pass": i}))
+    return passes
 
 
 class BackboneFeed:
@@ -89,6 +105,12 @@ class Setup:
     device: torch.device
     feed: BackboneFeed | None
     init_info: dict
+    passes: list[LadderStore]  # train-mode passes (--dropout-passes); [] reads `train` every epoch
+
+    def epoch_reader(self, epoch: int):
+        """The reader of epoch `epoch`'s training states. A pass is read afresh each epoch (not kept resident
+        as `train` is), so RAM holds one pass at a time, not K."""
+        return Reader(self.passes[epoch % len(self.passes)]) if self.passes else reader(self.train)
 
 
 def open_stores(cfg: TrainConfig) -> tuple[LadderStore, LadderStore | None]:
@@ -138,10 +160,12 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
             setattr(net, name, buf.to(torch.bfloat16))
     net.to(device)
     feed = BackboneFeed(cfg, train) if cfg.feed == "backbone" else None
+    passes = open_passes(cfg, train)
     dec = f", decoder layers={spec.dec_layers}" if spec.dec_layers is not None else ""
     log(f"side network: {spec.family}, r={spec.r}, layers={spec.layers}{dec}, variant={spec.variant}, "
-        f"{net.trainable_parameters():,} trainable parameters, init={cfg.init}, feed={cfg.feed}, device={device}")
-    return Setup(net, train, val, names, device, feed, init_fp)
+        f"{net.trainable_parameters():,} trainable parameters, init={cfg.init}, feed={cfg.feed}, device={device}"
+        + (f", {len(passes)} train-mode dropout passes" if passes else ""))
+    return Setup(net, train, val, names, device, feed, init_fp, passes)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -312,7 +336,7 @@ def _train(cfg: TrainConfig, log, group: ddp.Group) -> dict:
     read = read_options(cfg, s.train, s.device)
     for epoch in range(run.state["epoch"] + 1, cfg.epochs):
         bar = Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", unit="step", enabled=group.main)
-        batches = reader(s.train).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
+        batches = s.epoch_reader(epoch).batches(s.names if s.feed is None else [], cfg.batch_size, shuffle=True,
                                           seed=data_seed(cfg), epoch=epoch, part=group.part, **read)
         for step, batch in enumerate(batches, 1):
             if s.feed is not None:
@@ -450,8 +474,8 @@ def _sweep_train(base: TrainConfig, configs: list[tuple[str, TrainConfig]], log)
         alone, stacks = _groups(active, stack=base.sweep_stack == "always" or (
             base.sweep_stack == "auto" and device.type == "cuda"))
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        for batch in reader(train_store).batches(names, base.batch_size, shuffle=True, seed=data_seed(base), epoch=epoch,
-                                         **read):
+        for batch in runs[0][1].s.epoch_reader(epoch).batches(names, base.batch_size, shuffle=True,
+                                                              seed=data_seed(base), epoch=epoch, **read):
             for r in alone:
                 r.step(batch)
             for st in stacks:

@@ -46,6 +46,21 @@ def tiny_bert(tmp_path_factory) -> str:
     return _save(BertModel(cfg).eval(), tmp_path_factory.mktemp("tiny_bert"))
 
 
+BERT_DROPOUT = 0.1  # BERT's hidden_dropout_prob and attention_probs_dropout_prob (all-MiniLM-L6-v2 has both at 0.1)
+
+
+@pytest.fixture(scope="session")
+def dropout_bert(tmp_path_factory) -> str:
+    """tiny_bert with BERT's own dropout rates, for train-mode passes (tiny_bert has none)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                     num_hidden_layers=3, max_position_embeddings=128, hidden_dropout_prob=BERT_DROPOUT,
+                     attention_probs_dropout_prob=BERT_DROPOUT)
+    return _save(BertModel(cfg).eval(), tmp_path_factory.mktemp("dropout_bert"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -110,6 +110,15 @@ def test_a_local_cluster_of_2_workers_writes_the_in_process_store_bit_for_bit(ti
     assert again.exit_code == 0 and "nothing to do" in again.output
 
 
+def test_a_cluster_writes_the_in_process_train_mode_dropout_pass_bit_for_bit(dropout_bert, rt_dir, cluster, tmp_path):
+    # each window's masks come from (seed, pass, window start), whichever process runs it
+    one = stage_one(dropout_bert, rt_dir, tmp_path / "one", "--dropout-passes", "1")
+    two = stage_one(dropout_bert, rt_dir, tmp_path / "two", "--dropout-passes", "1", "--scheduler", cluster[0])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert differing_files(tmp_path / "one" / "train.dropout0.zarr", tmp_path / "two" / "train.dropout0.zarr") == []
+    assert differing_files(tmp_path / "one" / "train.dropout0.zarr", tmp_path / "one" / "train.zarr") != []
+
+
 def test_a_worker_killed_mid_run_still_gives_the_same_store(tiny_t5, rt_dir, reference, cluster, tmp_path):
     """The first worker to write a shard dies (SIGKILL) right after the write: dask runs its range again, and
     any finished range whose handed-over T5 rows died with it, on the live or restarted worker."""
