@@ -171,9 +171,10 @@ def write_record(store: Path, fingerprint: dict, shards: dict, files: dict, comp
 
 def damaged(store: Path, what: str, verdict: str = "the store is damaged") -> StoreError:
     """One message for every kind of damage: the store, the array and file, and what to do."""
-    split = store.name.removesuffix(".zarr")
+    split, _, k = store.name.removesuffix(".zarr").partition(".dropout")  # train.dropout<i>: a train-mode pass
+    passes = f" --dropout-passes {int(k) + 1}" if k.isdigit() else ""
     return StoreError(f"ladder store {store}: {what}; {verdict}: rerun stage one for split '{split}' "
-                      f"(python -m stages.cache_activations --splits {split} --out {store.parent} --overwrite "
+                      f"(python -m stages.cache_activations --splits {split}{passes} --out {store.parent} --overwrite "
                       "--no-resume)")
 
 
