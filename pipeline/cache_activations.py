@@ -188,12 +188,11 @@ def run(cfg: CacheConfig, log=print) -> list[Path]:
             if cfg.dropout_passes and not dropout_rates(bb.config):
                 raise ConfigError(f"dropout_passes: backbone {cfg.backbone} has no dropout (its config's rates are "
                                   "all 0), so a train-mode pass would equal the train store; set dropout_passes: 0")
-            for split in cfg.splits:
+            # every split's store, then the train split's train-mode passes
+            passes = [("train", i) for i in range(cfg.dropout_passes)] if "train" in cfg.splits else []
+            for split, dropout_pass in [(s, None) for s in cfg.splits] + passes:
                 examples = data[split][: cfg.limit] if cfg.limit else data[split]
-                paths.append(cache_split(cfg, bb, task, split, examples, log, client, train_hash))
-            for i in range(cfg.dropout_passes if "train" in cfg.splits else 0):
-                examples = data["train"][: cfg.limit] if cfg.limit else data["train"]
-                paths.append(cache_split(cfg, bb, task, "train", examples, log, client, train_hash, dropout_pass=i))
+                paths.append(cache_split(cfg, bb, task, split, examples, log, client, train_hash, dropout_pass))
     except LadderCacheError:
         if made_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a refused run leaves no empty --out behind

@@ -113,16 +113,17 @@ class Setup:
         return Reader(self.passes[epoch % len(self.passes)]) if self.passes else reader(self.train)
 
 
-def open_stores(cfg: TrainConfig) -> tuple[LadderStore, LadderStore | None]:
+def open_stores(cfg: TrainConfig) -> tuple[LadderStore, LadderStore | None, list[LadderStore]]:
+    """The train and validation stores and the train-mode passes, opened once (a sweep's configs share them)."""
     train = open_store(cfg, "train")
     if train.n == 0 or (cfg.limit and cfg.limit < 1):
         raise DataError(f"{train.path}: the training split is empty")
-    val_path = Path(cfg.cache) / "validation.zarr"
-    return train, (open_store(cfg, "validation") if val_path.exists() else None)
+    val = open_store(cfg, "validation") if store_path(cfg.cache, "validation").exists() else None
+    return train, val, open_passes(cfg, train)
 
 
 def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
-    train, val = stores or open_stores(cfg)
+    train, val, passes = stores or open_stores(cfg)
     fp = train.fingerprint
     hf_cfg = bbm.load_config(cfg.backbone)
     verb = [[int(t) for t in c] for c in train.cand] if fp["family"] == "decoder" else []
@@ -160,7 +161,6 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
             setattr(net, name, buf.to(torch.bfloat16))
     net.to(device)
     feed = BackboneFeed(cfg, train) if cfg.feed == "backbone" else None
-    passes = open_passes(cfg, train)
     dec = f", decoder layers={spec.dec_layers}" if spec.dec_layers is not None else ""
     log(f"side network: {spec.family}, r={spec.r}, layers={spec.layers}{dec}, variant={spec.variant}, "
         f"{net.trainable_parameters():,} trainable parameters, init={cfg.init}, feed={cfg.feed}, device={device}"

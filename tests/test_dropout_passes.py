@@ -19,6 +19,7 @@ from pipeline.train_side import train
 from tests.conftest import BERT_DROPOUT as P
 from tests.conftest import write_task
 
+
 def cache(backbone: str, task: str, out: Path, passes: int, **kw) -> Path:
     cache_activations.run(CacheConfig(backbone=backbone, task=task, out=str(out), dtype="fp32", device="cpu",
                                       batch_size=8, dropout_passes=passes, **kw), log=lambda *a: None)
