@@ -609,6 +609,8 @@ def _mean_std(vals):
 def collect(work: Path) -> dict:
     rows = {}
     for p in sorted((work / "jobs").rglob("*.json")):
+        if p.parent.suffix == ".ckpt":  # a running fine-tuning job's epoch state, not a result
+            continue
         r = json.loads(p.read_text())
         rows[r["job"]] = r
     out = {"backbone": BACKBONE, "tasks": {}, "settings": {

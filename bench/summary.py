@@ -356,6 +356,8 @@ def explore_table(d) -> list[str]:
 
 
 LLM_ORDER = ["lst_cache", "lst_inloop", "lora", "full_ft", "frozen", "zero_shot"]  # zero_shot: chat template
+LLM_ABLATIONS = {"lora_b100": "lora, one step per 100 examples (ablation)",
+                 "full_ft_b100": "full_ft, one step per 100 examples (ablation)"}  # rows shown once run
 
 
 def llm_table(d) -> list[str]:
@@ -366,14 +368,20 @@ def llm_table(d) -> list[str]:
     out = ["SmolLM2-135M-Instruct (GGUF, offline; test accuracy, mean over the seeds run; `python -m bench.llm`, "
            f"2-core CPU; {len(d['jobs_pending'])} jobs pending, blank = not run yet):", "",
            "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
-    for m in LLM_ORDER:
+
+    def row(m):
         cells = [d["tasks"][t]["methods"].get(m) for t in tasks]
-        out.append(f"| {m} | " + " | ".join("" if c is None else f"{c['mean']:.1f} ({len(c['seeds'])} seed"
+        out.append(f"| {LLM_ABLATIONS.get(m, m)} | " + " | ".join("" if c is None else f"{c['mean']:.1f} ({len(c['seeds'])} seed"
                                                 f"{'s' if len(c['seeds']) > 1 else ''})" for c in cells) + " |")
+    for m in LLM_ORDER:
+        row(m)
     plain = [(d["tasks"][t].get("zero_shot_by_format") or {}).get("plain_test") for t in tasks]
     if any(plain):
         out.append("| zero_shot, plain prompt (the chat template is the row above) | " + " | ".join(
             "" if p is None else f"{100 * p['accuracy']:.1f}" for p in plain) + " |")
+    for m in LLM_ABLATIONS:
+        if any(m in d["tasks"][t]["methods"] for t in tasks):
+            row(m)
     for t in tasks:
         st = d["tasks"][t].get("stores", {}).get("l10")
         if st:

@@ -159,7 +159,7 @@ def test_gpu_llm_plan_counts_match_the_built_models_on_the_meta_device():
 def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_path):
     """bench/llm.py: stage one and the baselines that need no training come first; seeds 1-2 and the variants appear
     once seed 0's lr grid has picked an lr on validation; collect() writes llm_accuracy per task (the six methods,
-    mean over seeds) and the stage-two memory ratio."""
+    mean over seeds) and the stage-two memory ratio, while a fine-tuning job is still running."""
     import json
 
     from bench import llm
@@ -190,6 +190,9 @@ def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_pat
     put(f"{t}/zero_shot", 0.6, by_format={})
     put(f"{t}/frozen", 0.75)
     (tmp_path / "jobs" / "memory.json").write_text(json.dumps({"job": "memory", "lst_cache_train_peak_ratio_vs_lora": 0.2}))
+    ck = tmp_path / "jobs" / t / "lora_s1.ckpt"  # a running fine-tuning job's epoch state is not a result
+    ck.mkdir()
+    (ck / "state.json").write_text(json.dumps({"epoch": 1, "best": None}))
     out = llm.collect(tmp_path)
     assert out["llm_accuracy"][t] == pytest.approx({"lst_cache": 80.0, "lst_inloop": 85.0, "zero_shot": 60.0,
                                                     "frozen": 75.0, "lora": 95.0, "full_ft": 96.0})
