@@ -375,7 +375,7 @@ def finetune(work, task, seed, method, data_dir):
             opt.zero_grad(set_to_none=True)
             n_tok = 0
             by_len = idx[np.argsort(np.diff(tr.offsets)[idx], kind="stable")]  # similar lengths share a micro-batch
-            for mi in range(0, len(idx), MICRO):  # micro-batches: one step of BATCH examples, 1/5 the activations
+            for mi in range(0, len(idx), MICRO):  # micro-batches of MICRO examples: a _b100 step holds 1/5 the activations
                 sub = by_len[mi:mi + MICRO]
                 ids, mask, y = next(_batches(tr, [sub], "cpu"))
                 gold = [int(tr.fingerprint_target(v)) for v in y.tolist()]
@@ -615,7 +615,8 @@ def collect(work: Path) -> dict:
         rows[r["job"]] = r
     out = {"backbone": BACKBONE, "tasks": {}, "settings": {
         "layers": LAYERS, "r": R, "batch": BATCH, "micro_batch_finetune": MICRO, "lst_lr_grid": LST_LRS,
-        "finetune_lr": FT, "finetune_step_batch": FT_BATCH, "finetune_b100_lr": FT_B100, "finetune_epochs": FT_EPOCHS, "lst_epochs": TASKS, "max_length": MAX_LENGTH,
+        "finetune_lr": FT, "finetune_step_batch": FT_BATCH, "finetune_b100_lr": FT_B100, "finetune_epochs": FT_EPOCHS,
+        "lst_epochs": TASKS, "max_length": MAX_LENGTH,
         "variants": VARIANTS, "prompts": "plain for trained methods and frozen features; zero_shot = chat template"},
         "doc": __doc__.split("\n\n")[0]}
     llm_accuracy = {}
