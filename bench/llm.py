@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -349,8 +350,10 @@ def finetune(work, task, seed, method, data_dir):
         for n in names:
             p = named[n]
             opt.state[p] = {"step": t[f"step/{n}"], "exp_avg": t[f"m/{n}"], "exp_avg_sq": t[f"v/{n}"]}
-        for _ in range(state["epoch"] * steps_per_epoch):
-            sched.step()
+        with warnings.catch_warnings():  # torch warns on a schedule step before any optimizer step: this fast-forward
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state["epoch"] * steps_per_epoch):
+                sched.step()
         torch.set_rng_state(t["rng"])
         print(f"resuming {task}/{method}_s{seed} after epoch {state['epoch']}", flush=True)
 
