@@ -390,7 +390,30 @@ def llm_table(d) -> list[str]:
     ratio = d.get("llm_stage_two_peak_memory_ratio_vs_lora")
     if ratio is not None:
         out.append(f"\nStage-two peak memory on one batch, LST from the cache / LoRA: {ratio:.2f}.")
-    return out + [""] + llm_variant_table(d)
+    return out + [""] + llm_memory_table(d.get("memory")) + llm_variant_table(d)
+
+
+def llm_memory_table(m) -> list[str]:
+    """bench/llm.py's memory job: every method's peak RSS over 3 training steps on one batch, each in a fresh
+    process. The `_micro20` rows accumulate gradients over micro-batches of 20 (what the accuracy jobs run), which
+    trades LoRA's and full FT's activation memory for time; the headline ratio is on the whole batch at once."""
+    rows = [r for r in (m or {}).get("rows", []) if "error" not in r]
+    if not rows:
+        return []
+    by = {r["method"]: r for r in rows}
+    b = rows[0]
+    out = [f"SmolLM2 stage-two memory on one batch ({m['task']}, {b['batch_examples']} examples, "
+           f"{b['batch_tokens']:,} tokens; {b['steps']} AdamW steps, each method in a fresh process; peak RSS over "
+           "the steps, model load excluded; `_micro20`: gradients accumulated over micro-batches of 20 examples; "
+           "CPU, one torch thread, step times not comparable across rows; `python -m bench.llm --one memory`):", "",
+           "| method | trainable | peak RSS (MB) | LST from the cache at the same micro-batching / this | step (s) |",
+           "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = r.get("train_peak_rss_mb")
+        ref = by.get("lst_cache" + ("_micro20" if r["method"].endswith("_micro20") else ""), {}).get("train_peak_rss_mb")
+        out.append(f"| {r['method']} | {r['trainable_params']:,} | {_fmt(peak, ',.0f')} | "
+                   f"{_fmt(ref / peak if ref and peak else None, '.2f')} | {r['step_time_s']:.1f} |")
+    return out + [""]
 
 
 def llm_variant_table(d) -> list[str]:
