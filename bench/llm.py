@@ -470,11 +470,11 @@ def memory_one(work: Path, task: str, method: str, steps: int = 3) -> dict:
     ids, mask, y = next(_batches(store, [idx], "cpu"))
     start = psutil.Process().memory_info().rss / 2**20
     times = []
+    micro = MICRO if "_micro" in method else B  # examples per forward/backward; one optimizer step per B
     if method.startswith(("lora", "full_ft")):
         from bench.baselines import build_decoder, decoder_candidate_loglik
 
         base = method.split("_micro")[0]
-        micro = MICRO if "_micro" in method else BATCH
         model, params = build_decoder(base, _load_lm())
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -506,7 +506,6 @@ def memory_one(work: Path, task: str, method: str, steps: int = 3) -> dict:
         trainable = net.trainable_parameters()
         group = s.train.load_group(0, B, s.names if s.feed is None else [])
         rowset = RowSet.of_examples(s.train, group, 0, idx, "cpu")  # the batch's cached states, all resident
-        micro = MICRO if "_micro" in method else B
         reset = _reset_peak()
         after_setup = psutil.Process().memory_info().rss / 2**20
         for _ in range(steps):
