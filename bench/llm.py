@@ -2,10 +2,13 @@
 rt-sentiment, hedge-conll2010 and pang-lee, full splits, against zero-shot prompting, frozen features, LoRA, full
 fine-tuning and in-loop LST; stage-two memory on one batch; store bytes per token for each layer choice and codec.
 
-A resumable driver for long CPU runs. Every job writes `<work>/jobs/<name>.json` when it completes (and
-`<name>.failed` with the error when it fails; `--retry-failed` tries those again); a rerun skips finished jobs,
-and the jobs that train resume from their last epoch (train_side --resume; the fine-tuning baselines keep their
-own epoch checkpoints). Jobs run one at a time, each in a fresh process (so each peak memory is its own), cheap
+A resumable driver for long CPU runs. Every job writes its result record `<results>/<name>.json` when it
+completes (`--results`, default bench/results/llm_jobs: committed with the repository, so that a fresh machine
+resumes the suite where the last one stopped) and `<work>/jobs/<name>.failed` with the error when it fails
+(`--retry-failed` tries those again). The work folder holds what the jobs build (caches, Fisher inits, runs, epoch
+checkpoints): a rerun skips jobs that have a record, rebuilds a cache or init whose record exists but whose files
+are not in this work folder only when a job still to run needs it, and the jobs that train resume from their last
+epoch (train_side --resume; the fine-tuning baselines keep their own epoch checkpoints). Jobs run one at a time, each in a fresh process (so each peak memory is its own), cheap
 ones first:
 
     stage1 (cache every third layer, fp16) -> zero_shot (the frozen instruct model, chat template and plain) ->
@@ -16,7 +19,7 @@ ones first:
     nohup nice -n 15 python -m bench.llm --work /path/to/work > /path/to/work/driver.log 2>&1 &   # start / resume
     python -m bench.llm --work /path/to/work --skip '*/lora_*,*/full_ft_*'                       # LST rows first
     python -m bench.llm --work /path/to/work --status                                            # what is done
-    python -m bench.llm --work /path/to/work --collect --out bench/results/llm.json              # gather results
+    python -m bench.llm --collect --out bench/results/llm.json                                   # gather results
 
 Settings (and why): prompts are the plain text-to-text format for every trained method and the frozen features
 (30 tokens per rt example, against 77 with SmolLM2's chat template and its default system prompt: 2.5x the CPU
@@ -99,19 +102,23 @@ class Job:
         self.name, self.fn, self.needs, self.kw = name, fn, list(needs), kw
 
 
-def result(work: Path, name: str):
-    p = work / "jobs" / f"{name}.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "llm_jobs"
+
+
+def result(results: Path, name: str):
+    p = results / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def best_lr(work: Path, task: str):
-    runs = [result(work, f"{task}/lst_cache_s0_lr{lr:g}") for lr in LST_LRS]
+def best_lr(results: Path, task: str):
+    runs = [result(results, f"{task}/lst_cache_s0_lr{lr:g}") for lr in LST_LRS]
     if any(r is None for r in runs):
         return None
-    return max(runs, key=lambda r: r["val"]["accuracy"])["lr"]
+    # a record recovered without its scores (bench/results/llm.json kept only the chosen lr's) lost on validation
+    return max(runs, key=lambda r: -math.inf if r["val"]["accuracy"] is None else r["val"]["accuracy"])["lr"]
 
 
-def plan(work: Path) -> list[Job]:
+def plan(results: Path = RESULTS) -> list[Job]:
     """Every job in priority order; jobs whose inputs are not decided yet (the best lr) are left out until they are."""
     jobs = []
     for t in TASKS:
@@ -131,14 +138,14 @@ def plan(work: Path) -> list[Job]:
         for t in TASKS:
             jobs.append(Job(f"{t}/{method}_s0", finetune, [f"{t}/stage1_l10"], task=t, seed=0, method=method))
     for t in TASKS:
-        lr = best_lr(work, t)
+        lr = best_lr(results, t)
         if lr is None:
             continue
         for s in SEEDS[1:]:
             jobs.append(Job(f"{t}/lst_cache_s{s}", lst, [f"{t}/fisher_l10"], task=t, seed=s, lr=lr, variant="lst_cache"))
     for v, over in VARIANTS.items():
         for t in (t for t in VARIANT_TASKS.get(v, TASKS) if t in TASKS):  # LLM_BENCH_TASKS limits these too
-            lr = best_lr(work, t)
+            lr = best_lr(results, t)
             if lr is None:
                 continue
             init = over.get("fisher", over.get("layers", "l10"))
@@ -150,7 +157,7 @@ def plan(work: Path) -> list[Job]:
                 jobs.append(Job(f"{t}/fisher_{init}", fisher, task=t, layers=init))
             jobs.append(Job(f"{t}/{v}_s0", lst, needs, task=t, seed=0, lr=lr, variant=v))
     for t in TASKS:
-        lr = best_lr(work, t)
+        lr = best_lr(results, t)
         if lr is not None:
             jobs.append(Job(f"{t}/lst_inloop_s0", lst, [f"{t}/fisher_l10"], task=t, seed=0, lr=lr, variant="lst_inloop"))
     for s in SEEDS[1:]:
@@ -549,13 +556,28 @@ def memory(work, task, data_dir):
 
 # ---------------------------------------------------------------- driver
 
-def run_one(work: Path, name: str, data_dir: str) -> None:
+def built(work: Path, job: Job) -> Path | None:
+    """What a stage-one or Fisher job leaves in the work folder (None: a job whose record is all it leaves)."""
+    if job.fn is stage_one:
+        return Path(_paths(work, job.kw["task"])["cache"](job.kw["cache"]))
+    if job.fn is fisher:
+        return Path(_paths(work, job.kw["task"])["init"](job.kw["layers"]))
+    return None
+
+
+def _usable(work: Path, results: Path, job: Job) -> bool:
+    """A prerequisite is usable when its record exists and what it built is in this work folder."""
+    b = built(work, job)
+    return (results / f"{job.name}.json").exists() and (b is None or b.exists())
+
+
+def run_one(work: Path, name: str, data_dir: str, results: Path = RESULTS) -> None:
     import torch
 
     from bench.machine import describe
 
     torch.set_num_threads(THREADS)
-    job = next(j for j in plan(work) if j.name == name)
+    job = next(j for j in plan(results) if j.name == name)
     t0 = time.perf_counter()
     res = job.fn(work, data_dir=data_dir, **job.kw)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -563,38 +585,53 @@ def run_one(work: Path, name: str, data_dir: str) -> None:
     res.update(job=name, wall_s=time.perf_counter() - t0, commit=commit, **describe(torch.device("cpu")),
                torch_threads=torch.get_num_threads(),
                command=f"python -m bench.llm --work {work} (job {name})")
-    path = work / "jobs" / f"{name}.json"
+    path = results / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(res, indent=1, default=str))
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def status(work: Path) -> list[tuple[str, str]]:
+def _to_run(work: Path, results: Path, skip: tuple[str, ...] = ()) -> list[Job]:
+    """Jobs without a record, plus the caches and inits that one of those needs and that this work folder lacks."""
+    jobs = [j for j in plan(results) if not any(fnmatch.fnmatch(j.name, p) for p in skip)]
+    todo = {j.name for j in jobs if not (results / f"{j.name}.json").exists()}
+    needed = {n for j in jobs if j.name in todo for n in j.needs}
+    return [j for j in jobs if j.name in todo or (j.name in needed and not _usable(work, results, j))]
+
+
+def status(work: Path, results: Path = RESULTS) -> list[tuple[str, str]]:
+    run = {j.name for j in _to_run(work, results)}
     out = []
-    for j in plan(work):
-        done = (work / "jobs" / f"{j.name}.json").exists()
-        failed = (work / "jobs" / f"{j.name}.failed").exists()
-        out.append((j.name, "done" if done else "FAILED" if failed else "pending"))
+    for j in plan(results):
+        st = "done"
+        if j.name in run:
+            st = ("FAILED" if (work / "jobs" / f"{j.name}.failed").exists()
+                  else "rebuild" if (results / f"{j.name}.json").exists() else "pending")
+        out.append((j.name, st))
     return out
 
 
-def drive(work: Path, data_dir: str, retry_failed: bool, skip: tuple[str, ...] = ()) -> None:
+def drive(work: Path, data_dir: str, retry_failed: bool, skip: tuple[str, ...] = (), results: Path = RESULTS) -> None:
+    ran = set()
     while True:
         todo = None
-        for j in plan(work):
-            if (work / "jobs" / f"{j.name}.json").exists() or any(fnmatch.fnmatch(j.name, p) for p in skip):
-                continue
+        by_name = {j.name: j for j in plan(results)}
+        for j in _to_run(work, results, skip):
             if (work / "jobs" / f"{j.name}.failed").exists() and not retry_failed:
                 continue
-            if all((work / "jobs" / f"{n}.json").exists() for n in j.needs):
+            if j.name in ran:  # ran in this call and still not usable: running it again would loop
+                continue
+            if all(_usable(work, results, by_name[n]) for n in j.needs):
                 todo = j
                 break
         if todo is None:
             print("nothing left to run", flush=True)
             return
         print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {todo.name}", flush=True)
+        ran.add(todo.name)
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "bench.llm", "--work", str(work), "--data-dir", data_dir, "--one", todo.name]
+        cmd = [sys.executable, "-m", "bench.llm", "--work", str(work), "--results", str(results), "--data-dir", data_dir,
+               "--one", todo.name]
         pr = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
         fail = work / "jobs" / f"{todo.name}.failed"
         if pr.returncode != 0:
@@ -614,11 +651,9 @@ def _mean_std(vals):
     return mean_std(vals) if vals else (None, None)
 
 
-def collect(work: Path) -> dict:
+def collect(results: Path = RESULTS) -> dict:
     rows = {}
-    for p in sorted((work / "jobs").rglob("*.json")):
-        if p.parent.suffix == ".ckpt":  # a running fine-tuning job's epoch state, not a result
-            continue
+    for p in sorted(results.rglob("*.json")):
         r = json.loads(p.read_text())
         rows[r["job"]] = r
     out = {"backbone": BACKBONE, "tasks": {}, "settings": {
@@ -629,7 +664,7 @@ def collect(work: Path) -> dict:
         "doc": __doc__.split("\n\n")[0]}
     llm_accuracy = {}
     for t in TASKS:
-        lr = best_lr(work, t)
+        lr = best_lr(results, t)
         methods = {}
 
         def add(name, runs):
@@ -662,7 +697,7 @@ def collect(work: Path) -> dict:
             store[c] = {"layers": layers, "codec": r["codec"], "prompt_format": r["prompt_format"],
                         "bytes_per_token": r["bytes_per_token"], "stage_one_tokens_per_s": r["stage_one_tokens_per_s"],
                         "tokens": r["tokens"]}
-            if c == "l10":  # layer subsets read from it: their share of the bytes
+            if c == "l10" and "layer_bytes_on_disk" in r:  # layer subsets read from it: their share of the bytes
                 per_layer = r["layer_bytes_on_disk"]
                 tok = sum(r["tokens"].values())
                 for sub in ("l5", "l1"):
@@ -687,13 +722,14 @@ def collect(work: Path) -> dict:
     # stage-two peak memory: peak RSS over the training steps on the same batch (the load's transient excluded)
     out["llm_stage_two_peak_memory_ratio_vs_lora"] = mem["lst_cache_train_peak_ratio_vs_lora"] if mem else None
     out["jobs_done"] = sorted(rows)
-    out["jobs_pending"] = [n for n, s in status(work) if s != "done"]
+    out["jobs_pending"] = [j.name for j in plan(results) if j.name not in rows]
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", required=True, help="work folder: caches, runs, per-job results (jobs/)")
+    ap.add_argument("--work", help="work folder: caches, Fisher inits, runs, epoch checkpoints (--collect needs none)")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the per-job result records (default: %(default)s)")
     ap.add_argument("--data-dir", default="data/raw")
     ap.add_argument("--status", action="store_true")
     ap.add_argument("--collect", action="store_true")
@@ -704,6 +740,15 @@ def main():
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--memory-one", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    results = Path(a.results).resolve()
+    if a.collect:
+        res = collect(results)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res[k] for k in ("llm_accuracy", "llm_stage_two_peak_memory_ratio_vs_lora")}, indent=1))
+        return
+    if not a.work:
+        ap.error("--work is required (the folder for caches, inits and runs)")
     work = Path(a.work).resolve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.memory_one:
@@ -712,22 +757,16 @@ def main():
         return
     if a.one:
         try:
-            run_one(work, a.one, a.data_dir)
+            run_one(work, a.one, a.data_dir, results)
         except Exception:
             traceback.print_exc()
             sys.exit(1)
         return
     if a.status:
-        for name, st in status(work):
+        for name, st in status(work, results):
             print(f"{st:8} {name}")
         return
-    if a.collect:
-        res = collect(work)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
-        print(json.dumps({k: res[k] for k in ("llm_accuracy", "llm_stage_two_peak_memory_ratio_vs_lora")}, indent=1))
-        return
-    drive(work, a.data_dir, a.retry_failed, tuple(p for p in a.skip.split(",") if p))
+    drive(work, a.data_dir, a.retry_failed, tuple(p for p in a.skip.split(",") if p), results)
 
 
 if __name__ == "__main__":

@@ -159,13 +159,15 @@ def test_gpu_llm_plan_counts_match_the_built_models_on_the_meta_device():
 def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_path):
     """bench/llm.py: stage one and the baselines that need no training come first; seeds 1-2 and the variants appear
     once seed 0's lr grid has picked an lr on validation; collect() writes llm_accuracy per task (the six methods,
-    mean over seeds) and the stage-two memory ratio, while a fine-tuning job is still running."""
+    mean over seeds) and the stage-two memory ratio, from the result records alone."""
     import json
 
     from bench import llm
 
+    res = tmp_path / "llm_jobs"
+
     def names():
-        return [j.name for j in llm.plan(tmp_path)]
+        return [j.name for j in llm.plan(res)]
 
     first = names()
     assert first[:3] == [f"{t}/stage1_l10" for t in llm.TASKS]
@@ -173,15 +175,15 @@ def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_pat
     assert not [n for n in first if "lst_cache_s1" in n or "inloop" in n]  # no lr chosen yet
 
     def put(name, acc, **kw):
-        p = tmp_path / "jobs" / f"{name}.json"
+        p = res / f"{name}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps({"job": name, "val": {"accuracy": acc}, "test": {"accuracy": acc}, **kw}))
 
     t = "pang-lee"
     for lr, acc in zip(llm.LST_LRS, (0.7, 0.9, 0.8)):
         put(f"{t}/lst_cache_s0_lr{lr:g}", acc, lr=lr, seed=0)
-    assert llm.best_lr(tmp_path, t) == llm.LST_LRS[1]
-    now = {j.name: j for j in llm.plan(tmp_path)}
+    assert llm.best_lr(res, t) == llm.LST_LRS[1]
+    now = {j.name: j for j in llm.plan(res)}
     assert now[f"{t}/lst_cache_s1"].kw["lr"] == llm.LST_LRS[1] and f"{t}/lst_inloop_s0" in now
     put(f"{t}/lst_cache_s1", 0.8, seed=1)
     put(f"{t}/lst_cache_s2", 0.7, seed=2)
@@ -189,11 +191,8 @@ def test_llm_driver_plans_cheap_jobs_first_and_collects_the_summary_keys(tmp_pat
         put(f"{t}/{m}_s0", acc, seed=0)
     put(f"{t}/zero_shot", 0.6, by_format={})
     put(f"{t}/frozen", 0.75)
-    (tmp_path / "jobs" / "memory.json").write_text(json.dumps({"job": "memory", "lst_cache_train_peak_ratio_vs_lora": 0.2}))
-    ck = tmp_path / "jobs" / t / "lora_s1.ckpt"  # a running fine-tuning job's epoch state is not a result
-    ck.mkdir()
-    (ck / "state.json").write_text(json.dumps({"epoch": 1, "best": None}))
-    out = llm.collect(tmp_path)
+    (res / "memory.json").write_text(json.dumps({"job": "memory", "lst_cache_train_peak_ratio_vs_lora": 0.2}))
+    out = llm.collect(res)
     assert out["llm_accuracy"][t] == pytest.approx({"lst_cache": 80.0, "lst_inloop": 85.0, "zero_shot": 60.0,
                                                     "frozen": 75.0, "lora": 95.0, "full_ft": 96.0})
     assert out["llm_stage_two_peak_memory_ratio_vs_lora"] == 0.2
@@ -204,26 +203,75 @@ def test_llm_driver_leaves_out_skipped_jobs_and_runs_the_next_ready_one(tmp_path
     the first job in plan order whose prerequisites are done, and stops when nothing else is ready."""
     import json
     import subprocess
+    from pathlib import Path
     from types import SimpleNamespace
 
     from bench import llm
+
+    started = []
+    res = tmp_path / "llm_jobs"
+
+    def fake_run(cmd, **kw):
+        name = cmd[cmd.index("--one") + 1]
+        started.append(name)
+        p = Path(cmd[cmd.index("--results") + 1]) / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"job": name}))
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    llm.drive(tmp_path, "data/raw", False, skip=("*",), results=res)
+    assert started == []
+    # without stage one, only the Fisher inits have their inputs (they read the raw data); the fake writes a record
+    # but no init file, and the driver does not run a job twice in one call to make up for it
+    llm.drive(tmp_path, "data/raw", False, skip=("*/stage1_*", "*/lst_*"), results=res)
+    assert started == [f"{t}/fisher_l10" for t in llm.TASKS]
+
+
+def test_llm_suite_resumes_on_a_fresh_machine_from_the_committed_records_rebuilding_only_needed_caches(
+        tmp_path, monkeypatch):
+    """The result records live in the repository, the caches and inits in a work folder that a new machine lacks: a
+    job with a record is not run again; a cache with a record but no files here is rebuilt only if a job still to
+    run reads it, and before that job; a cache that only finished jobs read is left alone (status: done)."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from bench import llm
+
+    monkeypatch.setattr(llm, "TASKS", {"rt-sentiment": 10})
+    res, work = tmp_path / "llm_jobs", tmp_path / "fresh_work"
+    t = "rt-sentiment"
+    done = [j.name for j in llm.plan(res) if j.name != f"{t}/lora_s0"]
+    for lr in llm.LST_LRS:
+        done.append(f"{t}/lst_cache_s0_lr{lr:g}")
+    for name in done:
+        p = res / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"job": name, "lr": 1e-3, "val": {"accuracy": 0.8}, "test": {"accuracy": 0.8}}))
+    # the seeds, variants and the int8 cache appear once the lr is known: all done but LoRA at seed 0
+    for j in llm.plan(res):
+        p = res / f"{j.name}.json"
+        if j.name != f"{t}/lora_s0" and not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"job": j.name, "val": {"accuracy": 0.8}, "test": {"accuracy": 0.8}}))
+    st = dict(llm.status(work, res))
+    assert st[f"{t}/lora_s0"] == "pending" and st[f"{t}/stage1_l10"] == "rebuild"  # lora_s0 reads the l10 cache
+    assert st[f"{t}/stage1_l10_int8"] == "done" and st[f"{t}/fisher_l10"] == "done"  # no pending job reads them
 
     started = []
 
     def fake_run(cmd, **kw):
         name = cmd[cmd.index("--one") + 1]
         started.append(name)
-        p = tmp_path / "jobs" / f"{name}.json"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"job": name}))
+        if name.endswith("stage1_l10"):
+            (work / t / "cache_l10").mkdir(parents=True)
+        (res / f"{name}.json").write_text(json.dumps({"job": name}))
         return SimpleNamespace(returncode=0, stderr="")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    llm.drive(tmp_path, "data/raw", False, skip=("*",))
-    assert started == []
-    # without stage one, only the Fisher inits have their inputs (they read the raw data)
-    llm.drive(tmp_path, "data/raw", False, skip=("*/stage1_*", "*/lst_*"))
-    assert started == [f"{t}/fisher_l10" for t in llm.TASKS]
+    llm.drive(work, "data/raw", False, results=res)
+    assert started == [f"{t}/stage1_l10", f"{t}/lora_s0"]
 
 
 def test_every_accuracy_and_explore_method_is_a_valid_train_config_differing_from_lst_only_where_it_says():
@@ -315,7 +363,7 @@ def test_llm_plan_limited_to_some_tasks_leaves_out_the_other_tasks_variants(tmp_
             p = tmp_path / "jobs" / t / f"lst_cache_s0_lr{lr:g}.json"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps({"lr": lr, "val": {"accuracy": 0.8}, "test": {"accuracy": 0.8}}))
-    names = [j.name for j in llm.plan(tmp_path)]
+    names = [j.name for j in llm.plan(tmp_path / "jobs")]
     assert not [n for n in names if n.startswith("rt-sentiment/")]
     assert "hedge-conll2010/lst_l30_s0" in names and "hedge-conll2010/lst_cache_s1" in names
 
