@@ -294,6 +294,30 @@ def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
     return out
 
 
+def still_to_run(task: str, runs: list[dict], best: dict, seeds: list[int], jobs_dir: Path) -> str:
+    """What the table still lacks for `task`, and the command that runs each missing cell on its own (one job per
+    call: a CPU takes them one at a time; a GPU can take the whole --methods list)."""
+    todo = []
+    for m in [*LR_GRID, *LST_VARIANTS]:
+        if m in LR_GRID and m not in best:
+            todo.append(f"{m} (lr grid at seed {seeds[0]})")
+            continue
+        lr = best.get(m, best.get("lst_cache"))
+        if lr is None:
+            continue  # an LST variant waits for lst_cache's lr
+        done = {r["seed"] for r in runs if r["method"] == m and r["lr"] == lr}
+        left = [s for s in seeds if s not in done]
+        if left:
+            todo.append(f"{m} (seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} at lr {lr:g})")
+    if not todo:
+        return ""
+    how = [f"An LST row resumes from {jobs_dir}/{task} with python -m bench.explore --task {task} --device <cpu|cuda> "
+           f"--jobs 1 --jobs-dir {jobs_dir} --methods <method> --seeds <s> --lrs <lr>"]
+    if any(t.split()[0] in LR_GRID and t.split()[0] != "lst_cache" for t in todo):
+        how.append(f"a baseline with python -m bench.accuracy --tasks {task} --methods <method> --jobs-dir {jobs_dir}")
+    return f"still to run: {'; '.join(todo)}. " + "; ".join(how)
+
+
 def collect(a):
     """Aggregate whatever job results exist for --tasks from --jobs-dir, without running anything: the lr of
     each tuned method from its seed-0 grid runs, then the runs at that lr; methods with no runs are listed as
@@ -308,6 +332,7 @@ def collect(a):
         best = {}
         for m in LR_GRID:
             grid = [r for r in runs if r["method"] == m and r["seed"] == 0 and r["lr"] in LR_GRID[m]]
+            grid.sort(key=lambda r: LR_GRID[m].index(r["lr"]))  # a tie on validation goes as in a run: grid order
             if len(grid) == len(LR_GRID[m]):
                 best[m] = max(grid, key=lambda r: r["val"][metric])["lr"]
         lst_lr = best.get("lst_cache")
@@ -318,13 +343,17 @@ def collect(a):
         frozen_test = frozen(task, {"zstd": str(cache)}) if (cache / "test.zarr").exists() else None
         missing = sorted((set(LR_GRID) | set(LST_VARIANTS)) - {r["method"] for r in rows})
         agg = aggregate(task, rows, frozen_test)
-        kept = res["tasks"].get(task, {}).get("methods", {}).get("frozen")
+        old = res["tasks"].get(task, {})
+        kept = old.get("methods", {}).get("frozen")
         if frozen_test is None and kept:  # its code did not change: the committed score stands without a cache
             agg["methods"]["frozen"] = kept
-        res["tasks"][task] = {**agg, "run": {"command": a.collect, "collected_by": " ".join(
-            ["python -m bench.accuracy"] + sys.argv[1:]), **TASKS[task]}, "lr_selection": sel, "runs": rows,
-            "missing_methods": missing}
-        print(task, "methods:", sorted(agg["methods"]), "missing:", missing)
+        # where the rows ran: job files older than the `device` field do not say, so a note set on an earlier
+        # collect (or by the run itself) stands
+        run = {"command": a.collect, "collected_by": " ".join(["python -m bench.accuracy"] + sys.argv[1:]),
+               **({"device": old["run"]["device"]} if "device" in old.get("run", {}) else {}), **TASKS[task]}
+        res["tasks"][task] = {**agg, "run": run, "lr_selection": sel, "runs": rows, "missing_methods": missing,
+                              "pending": still_to_run(task, runs, best, [int(s) for s in a.seeds.split(",")], jobs_dir)}
+        print(task, "methods:", sorted(agg["methods"]), "missing:", missing, "|", res["tasks"][task]["pending"])
     out.write_text(json.dumps(res, indent=1))
 
 

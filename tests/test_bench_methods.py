@@ -381,3 +381,44 @@ def test_llm_memory_table_compares_each_row_with_lst_at_the_same_micro_batching(
     ratio = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in llm_memory_table(m)
              if line.startswith("| l")}
     assert ratio == {"lst_cache": "1.00", "lora": "0.20", "lora_micro20": "0.25", "lst_cache_micro20": "1.00"}
+
+
+def test_accuracy_collect_breaks_val_ties_in_grid_order_keeps_the_device_note_and_lists_what_is_left(tmp_path,
+                                                                                                      monkeypatch):
+    """bench.accuracy --collect: job files are read in name order (lr1e-4 before lr2e-05), yet a tie on validation
+    goes to the grid's first lr, as in the run that made them (bbc-topics' full_ft ties at 100% on validation);
+    a `run.device` note set earlier survives the collect; `pending` names each missing (method, seeds) cell."""
+    import argparse
+    import json
+    import sys
+
+    from bench import accuracy as A
+
+    t, jobs = "pang-lee", tmp_path / "jobs"
+    (jobs / t).mkdir(parents=True)
+
+    def put(method, seed, lr, val, test):
+        (jobs / t / f"{method}_s{seed}_lr{lr:g}.json").write_text(json.dumps(
+            {"task": t, "method": method, "seed": seed, "lr": lr, "val": {"accuracy": val},
+             "test": {"accuracy": test}, "trainable_params": 10}))
+
+    for m, grid in A.LR_GRID.items():
+        for lr in grid:
+            put(m, 0, lr, 0.9, 0.5 + grid.index(lr) / 10)  # every lr ties on validation
+        for s in (1, 2):
+            put(m, s, grid[0], 0.9, 0.5)
+    put("lst_random", 0, A.LR_GRID["lst_cache"][0], 0.9, 0.6)
+    out = tmp_path / "accuracy.json"
+    out.write_text(json.dumps({"tasks": {t: {"run": {"command": "c", "device": "GPU and CPU, as noted"}}}}))
+    a = argparse.Namespace(tasks=t, jobs_dir=str(jobs), work=str(tmp_path / "work"), out=str(out), collect="where",
+                           seeds="0,1,2")
+    monkeypatch.setattr(sys, "argv", ["bench.accuracy"])
+    A.collect(a)
+    got = json.loads(out.read_text())["tasks"][t]
+    for m, grid in A.LR_GRID.items():
+        assert got["methods"][m]["lr"] == grid[0] and got["methods"][m]["test"] == [50.0, 50.0, 50.0]
+    assert got["run"]["device"] == "GPU and CPU, as noted" and got["run"]["command"] == "where"
+    lr = f"{A.LR_GRID['lst_cache'][0]:g}"
+    assert f"lst_random (seeds 1, 2 at lr {lr})" in got["pending"]
+    assert f"lst_int8 (seeds 0, 1, 2 at lr {lr})" in got["pending"]
+    assert "full_ft" not in got["pending"] and "lst_cache" not in got["pending"].split(". ")[0]
