@@ -566,9 +566,18 @@ def built(work: Path, job: Job) -> Path | None:
 
 
 def _usable(work: Path, results: Path, job: Job) -> bool:
-    """A prerequisite is usable when its record exists and what it built is in this work folder."""
+    """A prerequisite is usable when its record exists and what it built is whole in this work folder: a cache
+    whose three stores say complete in their _progress.json (a killed rebuild leaves a partial folder)."""
     b = built(work, job)
-    return (results / f"{job.name}.json").exists() and (b is None or b.exists())
+    if not (results / f"{job.name}.json").exists() or (b is not None and not b.exists()):
+        return False
+    if job.fn is stage_one:
+        try:
+            return all(json.loads((b / f"{s}.zarr" / "_progress.json").read_text())["complete"]
+                       for s in ("train", "validation", "test"))
+        except (OSError, ValueError, KeyError):
+            return False
+    return True
 
 
 def run_one(work: Path, name: str, data_dir: str, results: Path = RESULTS) -> None:

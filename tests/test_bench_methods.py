@@ -259,13 +259,20 @@ def test_llm_suite_resumes_on_a_fresh_machine_from_the_committed_records_rebuild
     assert st[f"{t}/lora_s0"] == "pending" and st[f"{t}/stage1_l10"] == "rebuild"  # lora_s0 reads the l10 cache
     assert st[f"{t}/stage1_l10_int8"] == "done" and st[f"{t}/fisher_l10"] == "done"  # no pending job reads them
 
+    def stores(complete):
+        for s in ("train", "validation", "test"):
+            (work / t / "cache_l10" / f"{s}.zarr").mkdir(parents=True, exist_ok=True)
+            (work / t / "cache_l10" / f"{s}.zarr" / "_progress.json").write_text(json.dumps({"complete": complete}))
+
+    stores(complete=False)  # a rebuild killed part way: the folder exists, the stores are not whole
+    assert dict(llm.status(work, res))[f"{t}/stage1_l10"] == "rebuild"
     started = []
 
     def fake_run(cmd, **kw):
         name = cmd[cmd.index("--one") + 1]
         started.append(name)
         if name.endswith("stage1_l10"):
-            (work / t / "cache_l10").mkdir(parents=True)
+            stores(complete=True)
         (res / f"{name}.json").write_text(json.dumps({"job": name}))
         return SimpleNamespace(returncode=0, stderr="")
 
