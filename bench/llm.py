@@ -8,8 +8,8 @@ resumes the suite where the last one stopped) and `<work>/jobs/<name>.failed` wi
 (`--retry-failed` tries those again). The work folder holds what the jobs build (caches, Fisher inits, runs, epoch
 checkpoints): a rerun skips jobs that have a record, rebuilds a cache or init whose record exists but whose files
 are not in this work folder only when a job still to run needs it, and the jobs that train resume from their last
-epoch (train_side --resume; the fine-tuning baselines keep their own epoch checkpoints). Jobs run one at a time, each in a fresh process (so each peak memory is its own), cheap
-ones first:
+epoch (train_side --resume; the fine-tuning baselines keep their own epoch checkpoints) as long as the work folder
+is still there. Jobs run one at a time, each in a fresh process (so each peak memory is its own), cheap ones first:
 
     stage1 (cache every third layer, fp16) -> zero_shot (the frozen instruct model, chat template and plain) ->
     frozen (last-token features + logistic regression) -> fisher init -> memory -> lst_cache lr grid (seed 0) ->
