@@ -567,15 +567,17 @@ def built(work: Path, job: Job) -> Path | None:
 
 def _usable(work: Path, results: Path, job: Job) -> bool:
     """A prerequisite is usable when its record exists and what it built is whole in this work folder: a cache
-    whose three stores say complete in their _progress.json (a killed rebuild leaves a partial folder)."""
+    whose three stores' completion records say complete (a killed rebuild leaves a partial folder)."""
+    from pipeline.errors import StoreError
+    from pipeline.ladder_store import read_record, store_path
+
     b = built(work, job)
     if not (results / f"{job.name}.json").exists() or (b is not None and not b.exists()):
         return False
     if job.fn is stage_one:
         try:
-            return all(json.loads((b / f"{s}.zarr" / "_progress.json").read_text())["complete"]
-                       for s in ("train", "validation", "test"))
-        except (OSError, ValueError, KeyError):
+            return all(read_record(store_path(b, s))["complete"] for s in ("train", "validation", "test"))
+        except (OSError, StoreError):
             return False
     return True
 

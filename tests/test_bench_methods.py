@@ -260,9 +260,11 @@ def test_llm_suite_resumes_on_a_fresh_machine_from_the_committed_records_rebuild
     assert st[f"{t}/stage1_l10_int8"] == "done" and st[f"{t}/fisher_l10"] == "done"  # no pending job reads them
 
     def stores(complete):
+        from pipeline.ladder_store import write_record
+
         for s in ("train", "validation", "test"):
             (work / t / "cache_l10" / f"{s}.zarr").mkdir(parents=True, exist_ok=True)
-            (work / t / "cache_l10" / f"{s}.zarr" / "_progress.json").write_text(json.dumps({"complete": complete}))
+            write_record(work / t / "cache_l10" / f"{s}.zarr", {}, {}, {}, complete=complete)
 
     stores(complete=False)  # a rebuild killed part way: the folder exists, the stores are not whole
     assert dict(llm.status(work, res))[f"{t}/stage1_l10"] == "rebuild"
