@@ -297,10 +297,10 @@ def aggregate(task: str, rows: list[dict], frozen_test: dict) -> dict:
 def still_to_run(task: str, runs: list[dict], best: dict, seeds: list[int], jobs_dir: Path) -> str:
     """What the table still lacks for `task`, and the command that runs each missing cell on its own (one job per
     call: a CPU takes them one at a time; a GPU can take the whole --methods list)."""
-    todo = []
+    todo = {}  # method -> what it lacks
     for m in [*LR_GRID, *LST_VARIANTS]:
         if m in LR_GRID and m not in best:
-            todo.append(f"{m} (lr grid at seed {seeds[0]})")
+            todo[m] = f"lr grid at seed {seeds[0]}"
             continue
         lr = best.get(m, best.get("lst_cache"))
         if lr is None:
@@ -308,14 +308,14 @@ def still_to_run(task: str, runs: list[dict], best: dict, seeds: list[int], jobs
         done = {r["seed"] for r in runs if r["method"] == m and r["lr"] == lr}
         left = [s for s in seeds if s not in done]
         if left:
-            todo.append(f"{m} (seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} at lr {lr:g})")
+            todo[m] = f"seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} at lr {lr:g}"
     if not todo:
         return ""
     how = [f"An LST row resumes from {jobs_dir}/{task} with python -m bench.explore --task {task} --device <cpu|cuda> "
            f"--jobs 1 --jobs-dir {jobs_dir} --methods <method> --seeds <s> --lrs <lr>"]
-    if any(t.split()[0] in LR_GRID and t.split()[0] != "lst_cache" for t in todo):
+    if set(todo) & set(LR_GRID) - {"lst_cache"}:
         how.append(f"a baseline with python -m bench.accuracy --tasks {task} --methods <method> --jobs-dir {jobs_dir}")
-    return f"still to run: {'; '.join(todo)}. " + "; ".join(how)
+    return f"still to run: {'; '.join(f'{m} ({what})' for m, what in todo.items())}. " + "; ".join(how)
 
 
 def collect(a):
