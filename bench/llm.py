@@ -753,6 +753,8 @@ def main():
     a = ap.parse_args()
     results = Path(a.results).resolve()
     if a.collect:
+        if not any(results.rglob("*.json")):  # collecting nothing would overwrite --out with an empty summary
+            ap.error(f"--results {results}: no job records there, so nothing to collect; {a.out} is left as it is")
         res = collect(results)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -431,3 +431,19 @@ def test_accuracy_collect_breaks_val_ties_in_grid_order_keeps_the_device_note_an
     assert f"lst_random (seeds 1, 2 at lr {lr})" in got["pending"]
     assert f"lst_int8 (seeds 0, 1, 2 at lr {lr})" in got["pending"]
     assert "full_ft" not in got["pending"] and "lst_cache" not in got["pending"].split(". ")[0]
+
+
+def test_llm_collect_from_a_folder_without_records_is_an_error_and_leaves_the_summary_alone(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """A mistyped --results would otherwise overwrite bench/results/llm.json with an empty summary."""
+    import sys
+
+    from bench import llm
+
+    out = tmp_path / "llm.json"
+    out.write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["bench.llm", "--collect", "--results", str(tmp_path / "nope"), "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        llm.main()
+    assert e.value.code == 2 and out.read_text() == "{}"
+    assert "error: --results" in capsys.readouterr().err
