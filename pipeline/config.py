@@ -107,8 +107,24 @@ def scheduler_workers(value: str) -> int | None:
     return int(n[1:])
 
 
+class LayerChoice:
+    """The `layers` / `decoder_layers` fields that stage one, prune_init and train_side share, parsed one way."""
+
+    def check_layers(self):
+        parse_layers(self.layers)  # validates
+        parse_decoder_layers(self.decoder_layers)
+
+    @property
+    def layer_list(self) -> tuple[int, ...] | None:
+        return parse_layers(self.layers)
+
+    @property
+    def decoder_layer_list(self) -> tuple[int, ...] | None | str:
+        return parse_decoder_layers(self.decoder_layers)
+
+
 @dataclass
-class CacheConfig:
+class CacheConfig(LayerChoice):
     """Stage one: run the frozen backbone once and write the ladder store."""
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
@@ -172,20 +188,11 @@ class CacheConfig:
         self.splits = list(self.splits)
         if not self.splits:
             raise ConfigError("splits: give at least one split name")
-        parse_layers(self.layers)  # validates
-        parse_decoder_layers(self.decoder_layers)
-
-    @property
-    def layer_list(self) -> tuple[int, ...] | None:
-        return parse_layers(self.layers)
-
-    @property
-    def decoder_layer_list(self) -> tuple[int, ...] | None | str:
-        return parse_decoder_layers(self.decoder_layers)
+        self.check_layers()
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(LayerChoice):
     """Side-network init from the backbone (paper sec. 3.3); Fisher needs the backbone, so it runs here."""
 
     backbone: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub name or local folder of the frozen backbone.")
@@ -215,20 +222,11 @@ class PruneConfig:
         for name in ("fisher_samples", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        parse_layers(self.layers)
-        parse_decoder_layers(self.decoder_layers)
-
-    @property
-    def layer_list(self):
-        return parse_layers(self.layers)
-
-    @property
-    def decoder_layer_list(self):
-        return parse_decoder_layers(self.decoder_layers)
+        self.check_layers()
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LayerChoice):
     """Stage two: train the side network from the ladder store (or, for comparison, the live backbone)."""
 
     task: str = _f("rt-sentiment", TASK_HELP + " It must be the cache's.")
@@ -331,16 +329,7 @@ class TrainConfig:
         if int(self.dropout_passes) and self.feed != "cache":
             raise ConfigError("dropout_passes: reads the cache's train-mode passes (--feed cache); in the loop use "
                               "--backbone-dropout")
-        parse_layers(self.layers)
-        parse_decoder_layers(self.decoder_layers)
-
-    @property
-    def layer_list(self):
-        return parse_layers(self.layers)
-
-    @property
-    def decoder_layer_list(self):
-        return parse_decoder_layers(self.decoder_layers)
+        self.check_layers()
 
     @property
     def dropouts(self) -> dict[str, float]:
