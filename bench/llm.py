@@ -73,7 +73,11 @@ SEEDS = [0, 1, 2]
 VARIANTS = {
     "lst_lowrank": dict(downsampler="lowrank", downsampler_rank=16),  # QST downsamplers (qst.py: 16)
     "lst_mix_final": dict(mix_final=True),  # QST's gated mix with the backbone's final state
-    "lst_lowrank_mix_final": dict(downsampler="lowrank", downsampler_rank=16, mix_final=True),  # QST's side net
+    "lst_lowrank_mix_final": dict(downsampler="lowrank", downsampler_rank=16, mix_final=True),  # LST gates
+    # QST's side net at LST's layers and r: its gates (per dimension, no temperature), downsamplers and final mix,
+    # random init and no dropout (YouAreSpecialToMe/QST modeling_llama_qst.py; pipeline/side.py gate="qst")
+    "lst_qst": dict(downsampler="lowrank", downsampler_rank=16, mix_final=True, gate="qst", init="random",
+                    dropout=0.0, attn_dropout=0.0, ff_dropout=0.0, emb_dropout=0.0, final_dropout=0.0),
     "lst_magnitude": dict(init="magnitude"),
     "lst_l5": dict(layers="l5"),
     "lst_l1": dict(layers="l1"),
@@ -150,7 +154,7 @@ def plan(results: Path = RESULTS) -> list[Job]:
                 continue
             init = over.get("fisher", over.get("layers", "l10"))
             cache = over.get("cache", "l10")
-            needs = [f"{t}/stage1_{cache}", f"{t}/fisher_{init}"]
+            needs = [f"{t}/stage1_{cache}"] + ([f"{t}/fisher_{init}"] if over.get("init", "fisher") == "fisher" else [])
             if cache != "l10":
                 jobs.append(Job(f"{t}/stage1_{cache}", stage_one, task=t, cache=cache))
             if init != "l10":

@@ -39,6 +39,7 @@ TASK_HELP = ("A built-in task (list: python -m stages.tasks) or a task .yaml fil
 PROMPT_FORMATS = ("plain", "chat")  # pipeline/prompting.py (config imports no pipeline module but errors)
 SWEEP_STACK = ("auto", "always", "never")
 DOWNSAMPLERS = ("linear", "lowrank")
+GATES = ("lst", "qst")
 
 
 def _f(default, help: str, **kw):
@@ -261,11 +262,16 @@ class TrainConfig(LayerChoice):
                                     "official side net (0 = off): a cache-side stand-in for the official code's "
                                     "train-mode backbone, whose dropout a cache of eval-mode states cannot hold.")
     mix_final: bool = _f(False, "Mix up(side) with the backbone's final state by a learned gate before the head, as "
-                                "QST does (and late fusion, on top of the ladders); reads the last layer's states.")
+                                "QST does (and late fusion, on top of the ladders); reads the last layer's states. "
+                                "The gate is --gate's.")
     downsampler: str = _f("linear", "Ladder down-projections: linear (LST: d -> d/r with bias) or lowrank (QST: "
                                     "d -> k -> d/r, SiLU between, no biases, LayerNorm after).")
     downsampler_rank: int = _f(16, "lowrank downsamplers: the inner width k (QST's peft_hidden_size, 16 in its "
                                    "scripts).")
+    gate: str = _f("lst", "Learned gates of the ladders and of the final mix. lst: one scalar each, sigmoid(alpha / "
+                          "0.1), alpha = 0 (the LST paper, sec. 3.2; official merge_last for the mix). qst: one per "
+                          "dimension, sigmoid(z) without temperature, z = 0.5 on the side state of each ladder and "
+                          "1.0 on the backbone's side of the final mix (QST, modeling_llama_qst.py).")
     backbone_dropout: bool = _f(False, "--feed backbone only: run the frozen backbone in train mode, so the ladders "
                                        "see its dropout as in the official code (eval-mode cached states never do).")
     dropout_passes: int = _f(0, "Train epoch e on the cache's train-mode pass e mod K (train.dropout<i>.zarr, from "
@@ -304,6 +310,7 @@ class TrainConfig(LayerChoice):
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("downsampler", self.downsampler, DOWNSAMPLERS)
+        _check_choice("gate", self.gate, GATES)
         _check_choice("sweep_stack", self.sweep_stack, SWEEP_STACK)
         for name in ("r", "epochs", "batch_size", "max_length", "ram_budget_mb", "downsampler_rank"):
             if int(getattr(self, name)) < 1:

@@ -28,6 +28,12 @@ Variants (paper sec. 5, Fig. 8, and the supplement's side-design ablation):
     adapter          bottleneck blocks instead of transformer blocks (ladders fused before each, as above)
     (mix_final=True) any ladder variant plus late fusion's gated mix with the backbone's final state before the
                      head, as QST (Zhang et al. 2024) mixes its side output with the LLM's final hidden state
+    (gate="qst")     QST's gates instead of LST's: one per dimension, sigmoid(z) with no temperature, z = 0.5 on
+                     the side state at each ladder and 1.0 on the backbone's side of the final mix
+                     (YouAreSpecialToMe/QST, modeling_llama_qst.py). With `downsampler="lowrank"` (QST's
+                     AdapterLinear), mix_final and init="random" with no dropout this is QST's side net, except
+                     that QST feeds its embedding output and its layer 0 through one shared downsampler
+                     (`downsample[0]` twice) where LST, and this module, give each its own
     cross_attention  each ladder enters by a cross-attention from the side state instead of a gate
 
 Dropout sites are the official side net's (T5's `dropout_rate`, 0.1, at each): the embedding output before
@@ -60,6 +66,14 @@ from pipeline.layout import EMB, SRC, TGT, state_name
 from pipeline.side_spec import SideSpec
 
 GATE_T = 0.1  # paper sec. 3.2
+# QST's gates (YouAreSpecialToMe/QST, modeling_llama_qst.py): one per dimension, sigmoid(z) with no temperature;
+# z = 0.5 weighting the side state at each ladder (`self.z`, sigmoid = 0.62) and z = 1.0 weighting the backbone's
+# final state in the mix before the head (`lm_head_z`, sigmoid = 0.73, so up(side) starts at 0.27).
+QST_LADDER_Z, QST_FINAL_Z = 0.5, 1.0
+
+
+def gate_temperature(spec: SideSpec) -> float:
+    return GATE_T if spec.gate == "lst" else 1.0
 _MATH_ATTENTION = [False]  # set while pipeline/stacked.py runs side nets under torch.func.vmap
 
 
@@ -300,8 +314,9 @@ class SideStack(nn.Module):
         self.fuse_after = spec.variant == "fuse_after"
         if self.uses_ladders:
             self.downs = nn.ModuleList([make_down(spec) for _ in range(n)])  # Linear with bias, as the official code
-        if spec.variant in ("ladder", "fuse_after", "adapter"):
-            self.alpha = nn.Parameter(torch.zeros(n))  # mu = sigmoid(0 / T) = 0.5 at init
+        if spec.variant in ("ladder", "fuse_after", "adapter"):  # mu_j = sigmoid(alpha_j / T) weights the side state
+            self.alpha = nn.Parameter(torch.zeros(n) if spec.gate == "lst"  # mu = sigmoid(0 / 0.1) = 0.5 at init
+                                      else torch.full((n, ds), QST_LADDER_Z))  # qst: per dimension, T = 1
         if spec.variant == "cross_attention":
             self.ladder_attn = nn.ModuleList(
                 [Attention(ds, spec.n_heads, spec.side_kv, False, False, 0, None, spec.attn_dropout) for _ in range(n)])
@@ -310,7 +325,8 @@ class SideStack(nn.Module):
         self.final_drop = nn.Dropout(spec.final_dropout)
 
     def gates(self):
-        return torch.sigmoid(self.alpha / GATE_T)
+        """(n,) or, gate qst, (n, d/r): mu_j for each ladder, the weight of the side state."""
+        return torch.sigmoid(self.alpha / gate_temperature(self.spec))
 
     def fuse(self, j: int, x, ladder, bias, mu=None):
         """Side state x (B, T, d/r) combined with ladder j, the backbone state (B, T, d) it reads."""
@@ -473,8 +489,13 @@ class SideNetwork(nn.Module):
         self.src = SideStack(spec, SRC, cross=False)
         self.tgt = SideStack(spec, TGT, cross=True) if spec.family == "t5" else None
         self.up = nn.Linear(spec.side_d, spec.d_model)
-        if spec.mixes_final:  # official merge_last gate: g = sigmoid(0 / T) = 0.5 at init
-            self.late_alpha = nn.Parameter(torch.zeros(1))
+        if spec.mixes_final:  # g = sigmoid(late_alpha / T) weights up(side), 1 - g the backbone's final state
+            # lst: official merge_last, g = sigmoid(0 / 0.1) = 0.5 at init. qst: QST's lm_head_z = 1.0 per dimension
+            # on the backbone's side, i.e. g = 1 - sigmoid(z) = sigmoid(-z): late_alpha = -z. QST's own gate is
+            # trained only when the model sits on the CPU (`nn.Parameter(...).to(cuda)` returns an unregistered
+            # copy); here it is always trained, as on QST's CPU path.
+            self.late_alpha = nn.Parameter(torch.zeros(1) if spec.gate == "lst"
+                                           else torch.full((spec.d_model,), -QST_FINAL_Z))
         if spec.family == "t5":
             self.rel_src = nn.Embedding(spec.rel_buckets, spec.n_heads)  # copied unpruned from the backbone
             self.rel_tgt = nn.Embedding(spec.rel_buckets, spec.n_heads)
@@ -522,7 +543,7 @@ class SideNetwork(nn.Module):
         if self.spec.family != "encoder":
             w = getattr(self, f"final_norm_{self.spec.late_stack}")
             h = w * (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)).to(h.dtype)
-        g = torch.sigmoid(self.late_alpha / GATE_T)
+        g = torch.sigmoid(self.late_alpha / gate_temperature(self.spec))
         return g * x_up + (1 - g) * h
 
     def _last_state(self, states, stack):

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from pipeline.config import ALL_DROPOUT_SITES, DROPOUT_SITES, check_dropout_rates
+from pipeline.config import ALL_DROPOUT_SITES, DROPOUT_SITES, GATES, check_dropout_rates
 from pipeline.errors import ConfigError
 from pipeline.layout import EMB, SRC, TGT, state_name
 
@@ -48,6 +48,7 @@ class SideSpec:
     mix_final: bool = False  # QST-style: up(side) mixed with the backbone's final state by a learned gate
     downsampler: str = "linear"  # ladder down-projections: linear (LST) or lowrank (QST, pipeline/side.py LowRankDown)
     downsampler_rank: int = 16  # lowrank: inner width (QST's peft_hidden_size)
+    gate: str = "lst"  # learned gates: lst (one scalar, sigmoid(alpha / 0.1)) or qst (one per dimension; side.py)
     rope_pairs: list | None = None  # decoder-only pruned init: per side block, the backbone rotary pairs it kept
 
     def __post_init__(self):
@@ -72,6 +73,8 @@ class SideSpec:
         if self.dec_layers == self.layers:
             self.dec_layers = None  # one list for both stacks: the common case keeps one spelling
         check_dropout_rates(self)
+        if self.gate not in GATES:
+            raise ConfigError(f"gate: {self.gate!r} is not one of {', '.join(GATES)}")
         if self.select_k and (self.family == "decoder" or self.variant not in ("ladder", "fuse_after", "no_ladder")):
             raise ConfigError("select_k: token-selective training is built for the ladder and no_ladder variants of "
                               f"T5 and encoder side networks, not {self.family}/{self.variant}; set select_k: 0")
@@ -161,7 +164,7 @@ class SideSpec:
 def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: int,
                      verbalizer_ids=(), dropout: float = 0.1, select_k: int = 0, dec_layers="same",
                      mix_final: bool = False, downsampler: str = "linear", downsampler_rank: int = 16,
-                     **site_dropout) -> SideSpec:
+                     gate: str = "lst", **site_dropout) -> SideSpec:
     """SideSpec for a Hugging Face backbone config (T5, BERT, Llama/Qwen/Mistral). layers / dec_layers: a
     list, or None for every layer; dec_layers "same" (T5's side decoder keeps the encoder's list). `dropout`
     is the rate at every official dropout site (as T5's single dropout_rate); `site_dropout` (attn_dropout=...)
@@ -203,4 +206,4 @@ def spec_from_config(cfg, r: int, layers, variant: str, kind: str, num_labels: i
                     num_labels=num_labels if family == "encoder" else len(verbalizer_ids) or num_labels,
                     vocab_size=getattr(cfg, "vocab_size", 0), verbalizer_ids=list(verbalizer_ids),
                     select_k=select_k, dec_layers=dec, mix_final=bool(mix_final), downsampler=downsampler,
-                    downsampler_rank=int(downsampler_rank), **rates, **base)
+                    downsampler_rank=int(downsampler_rank), gate=gate, **rates, **base)

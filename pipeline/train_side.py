@@ -129,7 +129,8 @@ def setup(cfg: TrainConfig, log=print, stores=None) -> Setup:
     verb = [[int(t) for t in c] for c in train.cand] if fp["family"] == "decoder" else []
     spec = spec_from_config(hf_cfg, cfg.r, cfg.layer_list, cfg.variant, fp["task_kind"], int(fp["num_labels"]),
                             verb, select_k=cfg.select_k, dec_layers=cfg.decoder_layer_list, mix_final=cfg.mix_final,
-                            downsampler=cfg.downsampler, downsampler_rank=cfg.downsampler_rank, **cfg.dropouts)
+                            downsampler=cfg.downsampler, downsampler_rank=cfg.downsampler_rank, gate=cfg.gate,
+                            **cfg.dropouts)
     if spec.family != fp["family"]:
         raise ConfigError(f"backbone: {cfg.backbone} is {spec.family}, the cache {train.path} holds {fp['family']} states")
     names = spec.read_states

@@ -409,6 +409,7 @@ CASES = {
     "downsampler not a choice": lambda p, s: train_case(p, s, "--downsampler", "conv",
                                                         match="downsampler: 'conv' is not one of linear, lowrank"),
     "downsampler_rank 0": lambda p, s: train_case(p, s, "--downsampler-rank", "0", match="downsampler_rank: must be >= 1"),
+    "gate not a choice": lambda p, s: train_case(p, s, "--gate", "scalar", match="gate: .scalar. is not one of lst, qst"),
     "r leaving odd rotary side heads": lambda p, s: Case("prune_init", cpu(
         "--backbone", s["llama"], "--task", s["task"], "--r", "8", "--init", "random", "--out", str(p / "i.safetensors")),
         r"r: 8 leaves side heads of 1 dims .* rotary"),

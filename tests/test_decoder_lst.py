@@ -1,7 +1,7 @@
 """Decoder-only LST on a tiny Llama: multi-token verbalizers scored from cached candidate states, the side net's KV
 cache against one causal pass, zero-shot prompting from the cache against the live model, the kept rotary pairs
-against transformers' RoPE, QST's low-rank downsampler against its code, chat prompts, generation targets (answer
-loss, greedy generation with KV caches, exact match from the cache), and the embedded backbones' fetch."""
+against transformers' RoPE, QST's low-rank downsampler and gates against its code, chat prompts, generation targets
+(answer loss, greedy generation with KV caches, exact match from the cache), and the embedded backbones' fetch."""
 from __future__ import annotations
 
 import hashlib
@@ -262,7 +262,7 @@ def test_a_side_init_file_carries_the_rotary_pairs_to_train_side(tiny_llama, toy
     assert fp["rope_pairs"] == [idx[(SRC, k, "attn", "pairs")].tolist() for k in spec.layers]
 
 
-# ---------------------------------------------------------------- QST's low-rank downsampler
+# ---------------------------------------------------------------- QST's low-rank downsampler and gates
 
 def test_low_rank_downsampler_equals_qsts_adapter_linear(tiny_llama):
     """Reference written from YouAreSpecialToMe/QST QSTConfig.py `AdapterLinear.forward` with qst.py's settings
@@ -284,6 +284,60 @@ def test_low_rank_downsampler_equals_qsts_adapter_linear(tiny_llama):
                          bbm.load_frozen_tensors(tiny_llama, "decoder"))
     d, ds, k, n = spec.d_model, spec.side_d, 3, len(spec.layers) + 1  # every ladder, the embedding's included
     assert net.trainable_parameters() - linear.trainable_parameters() == n * ((d * k + k * ds + 2 * ds) - (d + 1) * ds)
+
+
+def test_qst_gates_are_per_dimension_start_at_qsts_values_and_fuse_and_mix_as_qsts_forward(tiny_llama, toy_task,
+                                                                                             tmp_path):
+    """Reference written from YouAreSpecialToMe/QST modeling_llama_qst.py: per side layer
+    `qst = (1 - sigmoid(z_j)) * downsample_j(h_j) + sigmoid(z_j) * qst` before the side layer, z_j = 0.5 per side
+    dimension; before the head `(1 - sigmoid(lm_head_z)) * upsample(qst) + sigmoid(lm_head_z) * h_last`,
+    lm_head_z = 1.0 per model dimension, h_last after the backbone's final norm. No temperature anywhere."""
+    store = _store(tiny_llama, toy_task, tmp_path, splits=["train"])
+    net = _net(tiny_llama, store, init="random", gate="qst", mix_final=True, downsampler="lowrank").eval()
+    s = net.spec
+    n, ds, d = len(s.layers), s.side_d, s.d_model
+    assert torch.allclose(torch.sigmoid(torch.tensor(0.5)).expand(n, ds), net.src.gates())
+    qst_final_z = -net.late_alpha  # our g weights up(side); QST's sigmoid(z) weights the backbone
+    assert qst_final_z.shape == (d,) and torch.allclose(qst_final_z, torch.ones(d))
+    plain = _net(tiny_llama, store, init="random", mix_final=True, downsampler="lowrank")
+    assert net.trainable_parameters() - plain.trainable_parameters() == (n * ds - n) + (d - 1)
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking gates, different per dimension
+        net.src.alpha.copy_(torch.randn(n, ds, generator=g))
+        net.late_alpha.copy_(torch.randn(d, generator=g))
+    z = net.src.alpha  # QST's z_j (temperature 1)
+    seen = {}
+
+    def keep(key, pre=False):  # a hook that records its module's input (pre) or output and changes nothing
+        def hook(m, args, out=None):
+            seen[key] = args[0] if pre else out
+        return hook
+
+    hooks = [net.src.first_down.register_forward_hook(keep("first"))]
+    for j in range(n):
+        hooks.append(net.src.downs[j].register_forward_hook(keep(("down", j))))
+        hooks.append(net.src.blocks[j].register_forward_pre_hook(keep(("in", j), pre=True)))
+        hooks.append(net.src.blocks[j].register_forward_hook(keep(("out", j))))
+    batch = next(reader(store).batches(s.read_states, 6, shuffle=False))
+    with torch.no_grad():
+        net(batch)
+    for h in hooks:
+        h.remove()
+    prev = seen["first"]
+    for j in range(n):
+        want = (1 - torch.sigmoid(z[j])) * seen[("down", j)] + torch.sigmoid(z[j]) * prev
+        assert torch.allclose(seen[("in", j)], want, atol=1e-6)
+        prev = seen[("out", j)]
+
+    x_up, h_last = torch.randn(2, 3, d, generator=g), torch.randn(2, 3, d, generator=g)
+    zf = -net.late_alpha.detach()
+    normed = net.final_norm_src * h_last * torch.rsqrt(h_last.pow(2).mean(-1, keepdim=True) + s.norm_eps)
+    want = (1 - torch.sigmoid(zf)) * x_up + torch.sigmoid(zf) * normed
+    assert torch.allclose(net._late(x_up, h_last), want, atol=1e-6)
+
+    net.train()(batch).loss.backward()  # every dimension of every gate trains (QST's GPU path leaves lm_head_z fixed)
+    assert (net.src.alpha.grad != 0).all() and (net.late_alpha.grad != 0).all()
 
 
 # ---------------------------------------------------------------- chat prompts
@@ -458,3 +512,4 @@ def test_a_gguf_file_a_folder_with_one_and_the_short_name_are_the_same_backbone(
     sha = hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert bbm.weights_sha256(str(one)) == bbm.weights_sha256(str(one / gguf.name)) == bbm.weights_sha256(bbm.SMOLLM2) == sha
     assert bbm.backbone_identity(str(one)) == {"backbone_sha256": sha}
+
