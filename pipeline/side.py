@@ -70,11 +70,12 @@ GATE_T = 0.1  # paper sec. 3.2
 # z = 0.5 weighting the side state at each ladder (`self.z`, sigmoid = 0.62) and z = 1.0 weighting the backbone's
 # final state in the mix before the head (`lm_head_z`, sigmoid = 0.73, so up(side) starts at 0.27).
 QST_LADDER_Z, QST_FINAL_Z = 0.5, 1.0
+_MATH_ATTENTION = [False]  # set while pipeline/stacked.py runs side nets under torch.func.vmap
 
 
 def gate_temperature(spec: SideSpec) -> float:
+    """T in sigmoid(alpha / T) for every learned gate: LST's 0.1 (paper sec. 3.2), none (1) for QST's."""
     return GATE_T if spec.gate == "lst" else 1.0
-_MATH_ATTENTION = [False]  # set while pipeline/stacked.py runs side nets under torch.func.vmap
 
 
 def attention(q, k, v, bias, dropout_p: float, scale: float | None):
