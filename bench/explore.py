@@ -132,7 +132,8 @@ def main():
     methods = a.methods.split(",")
     a.lst_methods = methods
     t0 = time.perf_counter()
-    paths = A.prepare(a.task, a)
+    # --collect reads result files only: prepare() would build stage one per codec (10 GB with dropout passes)
+    paths = {} if a.collect else A.prepare(a.task, a)
     rows = []
     for m in methods:
         row = method_row(a, m, paths)

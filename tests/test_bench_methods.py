@@ -340,6 +340,39 @@ def test_explore_row_is_the_mean_over_seeds_each_at_its_best_val_lr_and_collect_
     assert method_row(a, "lst_r16", paths={}) is None
 
 
+def test_explore_collect_command_builds_no_store_and_keeps_other_tasks(tmp_path, monkeypatch):
+    """python -m bench.explore --collect: the table is written from the result files alone; no stage one, no
+    Fisher init and no run folder is made under --work (it once built every codec's cache first, 10 GB with
+    dropout passes), and the rows of the other tasks already in --out stay."""
+    import json
+    import sys
+
+    from bench import accuracy as A
+    from bench import explore
+
+    def no_prepare(*_):
+        raise AssertionError("--collect must not build caches or inits")
+
+    monkeypatch.setattr(A, "prepare", no_prepare)
+    jobs = tmp_path / "jobs" / "pang-lee"
+    jobs.mkdir(parents=True)
+    (jobs / "lst_cache_s0_lr0.003.json").write_text(json.dumps(
+        {"lr": 3e-3, "val": {"accuracy": 0.8}, "test": {"accuracy": 0.75}, "trainable_params": 10,
+         "train_tokens_per_s": 1.0}))
+    out = tmp_path / "explore.json"
+    out.write_text(json.dumps({"tasks": {"hedge-conll2010": {"rows": ["kept"]}}}))
+    work = tmp_path / "work"
+    monkeypatch.setattr(sys, "argv", ["explore", "--task", "pang-lee", "--device", "cpu", "--collect", "--work",
+                                      str(work), "--jobs-dir", str(tmp_path / "jobs"), "--out", str(out),
+                                      "--methods", "lst_cache,lst_r16", "--seeds", "0,1", "--lrs", "0.003"])
+    explore.main()
+    res = json.loads(out.read_text())["tasks"]
+    assert [r["method"] for r in res["pang-lee"]["rows"]] == ["lst_cache"]  # lst_r16 has no result: no row
+    assert res["pang-lee"]["rows"][0]["test"] == pytest.approx(75.0)
+    assert res["hedge-conll2010"] == {"rows": ["kept"]}
+    assert not work.exists()
+
+
 def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have():
     """bench.summary: the paired column subtracts lst_cache's test score seed by seed, only over common seeds."""
     from bench.summary import explore_table
