@@ -11,7 +11,7 @@ scores the verbalizer tokens; bf16), and one batch of cached states. For 70B tha
 bf16) against 140 GB of backbone; a classifier needs only the verbalizers' head rows, and the input embeddings could
 come from the cache too, so the table is the part to cut first (not done here: the table is held whole).
 
-    python -m bench.gpu_llm --plan                                     # CPU: shapes, parameter counts, bytes
+    python -m bench.gpu_llm --plan                                     # CPU: shapes, parameter counts, bytes (JSON)
     python -m bench.gpu_llm --models llama-1b,llama-8b,llama-70b --out bench/results/gpu_llm.json   # needs CUDA
 
 Not measured yet in this repository (no GPU was lent to the session that wrote it); `--plan` is tested on CPU.
@@ -85,6 +85,7 @@ def plan(name: str, batch: int, seq: int) -> dict:
                 "qlora_4bit_backbone": (0.5 * backbone + 16 * lora) / gib,
                 "lst_cache_side_fp32_adam_plus_bf16_table": (16 * trainable + 2 * table) / gib,
                 "lst_cache_one_batch_of_states_bf16": 2 * states / gib,
+                "embedding_table_bf16": 2 * table / gib,  # inside the side net line above: a classifier needs only its rows
                 "stage_one_bf16_backbone": 2 * backbone / gib}}
 
 
@@ -172,10 +173,19 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--plan", action="store_true", help="shapes, parameter counts and bytes only (any machine)")
     ap.add_argument("--out", default="bench/results/gpu_llm.json")
+    ap.add_argument("--plan-out", default="bench/results/gpu_llm_plan.json", help="where --plan writes its JSON")
     a = ap.parse_args()
     if a.plan:
-        for name in a.models.split(","):
-            print(json.dumps(plan(name, a.batch, a.seq)))
+        import transformers
+
+        plans = [plan(name, a.batch, a.seq) for name in a.models.split(",")]
+        for p in plans:
+            print(json.dumps(p))
+        Path(a.plan_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.plan_out).write_text(json.dumps({
+            "command": " ".join(["python -m bench.gpu_llm"] + sys.argv[1:]), "r": R,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "config": {"batch": a.batch, "seq": a.seq}, "plans": plans}, indent=1))
         return
     if not torch.cuda.is_available():
         sys.exit("error: bench.gpu_llm measures GPU memory and needs a CUDA device; use --plan on this machine")

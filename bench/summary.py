@@ -118,6 +118,11 @@ def main():
                      f"2-core CPU; null = not run yet (jobs pending: {len(llm['jobs_pending'])}; bench/results/llm.json).")
     else:
         notes.append("llm_accuracy: bench/results/llm.json not present.")
+    s.update(gpu_llm_keys(load("gpu_llm_plan.json"), load("gpu_llm.json")))
+    notes.append("llm_gpu_plan_gib: GiB before activations on a GPU per Llama-architecture shape, from shapes alone "
+                 "(bench/results/gpu_llm_plan.json); llm_gpu_measured: "
+                 + ("peak-memory and step-time ratios on CUDA (bench/results/gpu_llm.json)." if s["llm_gpu_measured"]
+                    else "null, not measured: no GPU was lent to a session since bench/gpu_llm.py was written."))
     s["notes"] = notes
     (RES / "summary.json").write_text(json.dumps(s, indent=2))
     blocks = readme_blocks()
@@ -171,7 +176,7 @@ def readme_blocks() -> dict[str, str]:
     acc, sweeps = load("accuracy.json"), {k: load(f"sweep_{k}.json") for k in ("cpu", "gpu")}
     return {"results": tables(load("gpu_t5.json"), load("store_codecs.json"), load("cpu_methods.json"), acc, sweeps,
                               load("distributed_cpu.json"), load("stage_two_cpu.json"), load("lst_explore.json"),
-                              load("llm.json")),
+                              load("llm.json"), load("gpu_llm_plan.json"), load("gpu_llm.json")),
             "demo": demo_block(load("demo.json"))}
 
 
@@ -439,7 +444,73 @@ def llm_variant_table(d) -> list[str]:
     return out
 
 
-def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None, llm=None) -> str:
+LLM_GPU_ORDER = ["full_ft", "lora", "lst_inloop", "lst_cache", "stage_one_forward"]
+
+
+def gpu_llm_plan_table(p) -> list[str]:
+    """bench/gpu_llm.py --plan: what each method must hold on a GPU for Llama-architecture shapes, from shapes alone
+    (weights and optimizer state; activations come on top and are what bench.gpu_llm measures on CUDA)."""
+    out = [f"Decoder-only shapes on a GPU, from shapes alone (GiB of weights and optimizer state, before activations; "
+           f"LST from the cache: its side net in fp32 with AdamW, one frozen vocab x hidden table in bf16 (the side "
+           f"net's input embeddings; an untied head adds only its verbalizer rows), one batch of {p['config']['batch']} x {p['config']['seq']} cached "
+           f"bf16 states of the kept layers; r = {p['r']}; `{p['command']}`):", "",
+           "| shape | backbone params | kept layers | side net trainable (% of backbone) | LoRA trainable (r = 32 on "
+           "q, v) | full FT | LoRA, bf16 backbone | QLoRA, 4-bit backbone | LST from the cache: side net + table "
+           "+ states | of which the table | stage one: bf16 backbone |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in p["plans"]:
+        b = r["bytes_gib"]
+        side = b["lst_cache_side_fp32_adam_plus_bf16_table"] + b["lst_cache_one_batch_of_states_bf16"]
+        out.append(f"| {r['model']} | {r['backbone_params'] / 1e9:.2f}B | {len(r['kept_layers'])} | "
+                   f"{r['side_trainable_params'] / 1e6:.1f}M ({100 * r['side_trainable_share']:.2f}%) | "
+                   f"{r['lora_trainable_params'] / 1e6:.1f}M | {b['full_ft_bf16_weights_fp32_adam']:.1f} | "
+                   f"{b['lora_bf16_backbone']:.1f} | {b['qlora_4bit_backbone']:.1f} | {side:.1f} | "
+                   f"{b.get('embedding_table_bf16', 0):.1f} | {b['stage_one_bf16_backbone']:.1f} |")
+    return out + [""]
+
+
+def gpu_llm_table(g) -> list[str]:
+    """bench/gpu_llm.py on CUDA: peak memory and step time per shape and method (random init)."""
+    c = g["config"]
+    out = [f"GPU memory and step time, Llama-architecture shapes ({g['device']}, torch {g['versions']['torch']}, "
+           f"transformers {g['versions']['transformers']}; random init, bf16 backbone, batch {c['batch']} x "
+           f"{c['seq']} tokens, r = 8 with layer dropping as in the table above; `{g['command']}`):", "",
+           "| shape | method | peak memory (GiB) | step (s) | tokens/s | trainable params |",
+           "|---|---|---:|---:|---:|---:|"]
+    shapes = list(dict.fromkeys(r["model"] for r in g["results"]))
+    rows = sorted(g["results"], key=lambda r: (shapes.index(r["model"]), LLM_GPU_ORDER.index(r["method"])
+                                               if r["method"] in LLM_GPU_ORDER else 99))
+    for r in rows:
+        if r.get("oom"):
+            out.append(f"| {r['model']} | {r['method']} | OOM | | | |")
+            continue
+        out.append(f"| {r['model']} | {r['method']} | {_fmt(r['peak_memory_gb'], '.2f')} | {r['step_time_s']:.3f} | "
+                   f"{r['tokens_per_s']:,.0f} | {r['trainable_params']:,} |")
+    return out + [""]
+
+
+def gpu_llm_keys(plan, measured) -> dict:
+    """summary.json's decoder-only GPU keys: GiB before activations per shape (from --plan), and the measured
+    peak-memory and step-time ratios of LST from the cache (null where a method ran out of memory or did not run)."""
+    out = {"llm_gpu_plan_gib": None, "llm_gpu_measured": None}
+    if plan:
+        out["llm_gpu_plan_gib"] = {r["model"]: {
+            "lst_cache": r["bytes_gib"]["lst_cache_side_fp32_adam_plus_bf16_table"]
+            + r["bytes_gib"]["lst_cache_one_batch_of_states_bf16"],
+            "qlora_4bit": r["bytes_gib"]["qlora_4bit_backbone"], "lora_bf16": r["bytes_gib"]["lora_bf16_backbone"],
+            "full_ft": r["bytes_gib"]["full_ft_bf16_weights_fp32_adam"]} for r in plan["plans"]}
+    if measured:
+        res = {}
+        for model in dict.fromkeys(r["model"] for r in measured["results"]):
+            c, i, lo = (find(measured["results"], model=model, method=m) for m in ("lst_cache", "lst_inloop", "lora"))
+            res[model] = {"lst_cache_peak_memory_ratio_vs_lora": ratio(c, lo, "peak_memory_gb"),
+                          "lst_cache_peak_memory_ratio_vs_inloop": ratio(c, i, "peak_memory_gb"),
+                          "lst_cache_step_time_ratio_vs_inloop": ratio(c, i, "step_time_s")}
+        out["llm_gpu_measured"] = res
+    return out
+
+
+def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None, llm=None, gpu_llm_plan=None,
+           gpu_llm=None) -> str:
     out = []
     if acc and acc["tasks"]:
         out += accuracy_table(acc)
@@ -464,6 +535,10 @@ def tables(gpu, store, cpu, acc, sweeps, dist=None, stage_two=None, explore=None
                        f"{'' if oom else _fmt(r['step_time_s'], '.3f')} | {'' if oom else _fmt(r['tokens_per_s'], ',.0f')} | "
                        f"{'' if oom else _fmt(r['trainable_params'], ',')} |")
         out.append("")
+    if gpu_llm_plan:
+        out += gpu_llm_plan_table(gpu_llm_plan)
+    if gpu_llm:
+        out += gpu_llm_table(gpu_llm)
     if cpu:
         b = cpu["config"]["batch"]
         out += [f"CPU memory and step time ({cpu['device']}, {cpu['cpu_count']} cores, torch {cpu['versions']['torch']}; "

@@ -480,3 +480,35 @@ def test_llm_collect_from_a_folder_without_records_is_an_error_and_leaves_the_su
         llm.main()
     assert e.value.code == 2 and out.read_text() == "{}"
     assert "error: --results" in capsys.readouterr().err
+
+
+def test_gpu_llm_summary_shows_oom_rows_and_ratios_only_where_both_methods_ran():
+    """bench.summary on a bench.gpu_llm result: an out-of-memory row prints OOM and makes its ratio null (not 0 or
+    a division by None); the plan's LST figure is side net + table + one batch of states."""
+    from bench.summary import gpu_llm_keys, gpu_llm_table
+
+    g = {"device": "H100", "command": "python -m bench.gpu_llm", "config": {"batch": 8, "seq": 256},
+         "versions": {"torch": "t", "transformers": "x"},
+         "results": [{"model": "llama-8b", "method": "lst_cache", "peak_memory_gb": 3.0, "step_time_s": 0.1,
+                      "tokens_per_s": 20480.0, "trainable_params": 5},
+                     {"model": "llama-8b", "method": "lora", "peak_memory_gb": 24.0, "step_time_s": 0.4,
+                      "tokens_per_s": 5120.0, "trainable_params": 7},
+                     {"model": "llama-8b", "method": "lst_inloop", "peak_memory_gb": 20.0, "step_time_s": 0.5,
+                      "tokens_per_s": 4096.0, "trainable_params": 5},
+                     {"model": "llama-70b", "method": "lst_cache", "peak_memory_gb": 9.0, "step_time_s": 0.3,
+                      "tokens_per_s": 6826.0, "trainable_params": 9},
+                     {"model": "llama-70b", "method": "lora", "oom": True, "peak_memory_gb": None}]}
+    lines = gpu_llm_table(g)
+    assert "| llama-70b | lora | OOM | | | |" in lines
+    assert lines.index("| llama-8b | lora | 24.00 | 0.400 | 5,120 | 7 |") < lines.index(
+        "| llama-8b | lst_inloop | 20.00 | 0.500 | 4,096 | 5 |")  # the suite's method order, not the file's
+    plan = {"plans": [{"model": "llama-70b", "bytes_gib": {
+        "lst_cache_side_fp32_adam_plus_bf16_table": 5.0, "lst_cache_one_batch_of_states_bf16": 0.5,
+        "qlora_4bit_backbone": 33.0, "lora_bf16_backbone": 132.0, "full_ft_bf16_weights_fp32_adam": 920.0}}]}
+    k = gpu_llm_keys(plan, g)
+    assert k["llm_gpu_measured"]["llama-8b"] == {"lst_cache_peak_memory_ratio_vs_lora": 0.125,
+                                                 "lst_cache_peak_memory_ratio_vs_inloop": 0.15,
+                                                 "lst_cache_step_time_ratio_vs_inloop": pytest.approx(0.2)}
+    assert k["llm_gpu_measured"]["llama-70b"]["lst_cache_peak_memory_ratio_vs_lora"] is None
+    assert k["llm_gpu_plan_gib"]["llama-70b"]["lst_cache"] == 5.5
+    assert gpu_llm_keys(None, None) == {"llm_gpu_plan_gib": None, "llm_gpu_measured": None}
