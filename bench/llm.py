@@ -25,7 +25,7 @@ Settings (and why): prompts are the plain text-to-text format for every trained 
 (30 tokens per rt example, against 77 with SmolLM2's chat template and its default system prompt: 2.5x the CPU
 cost of every backbone pass); zero-shot prompting uses the chat template, as a user of an instruct model would (its
 plain-format score is reported beside it). LST: r = 8, Fisher init, every third layer (10 of 30, the last
-included), batch 100 (packed rows from the cache; in-loop LST pads), the paper's epochs (10; 20 under 10k
+included), batch 100 (packed rows from the cache; in-loop LST pads, its backbone in length-sorted chunks), the paper's epochs (10; 20 under 10k
 examples), lr from {1e-3, 3e-3, 1e-2} on validation with seed 0. LoRA (r = 32 on q, v, lr 5e-4) and full fine-tuning (lr 5e-5) train 3 epochs with a step
 every 20 examples (one step per 100 left LoRA undertrained: the `_b100` ablation rows): on 2 shared CPU cores one
 rt-sentiment epoch of either takes about an hour. Every trained method
@@ -289,7 +289,8 @@ def lst(work, task, seed, lr, variant, data_dir):
                       epochs=1 if SMOKE else TASKS[task], lr=lr, batch_size=BATCH, seed=seed, device="cpu", max_length=MAX_LENGTH,
                       data_dir=data_dir, resume=True, ram_budget_mb=3072,
                       # packed rows: the same loss as padded batches (tested), 2.2x the tokens/s on hedge-conll2010
-                      # (1215 vs 550; a random batch of 100 pads to ~3x its tokens); in-loop LST runs padded
+                      # (1215 vs 550; a random batch of 100 pads to ~3x its tokens); in-loop LST runs padded (its
+                      # backbone in length-sorted chunks: train_side.FEED_CHUNK)
                       pack=over.get("feed") != "backbone", **over)
     m = train(cfg, log=print)
     net, _ = load_side(str(out), _dev())

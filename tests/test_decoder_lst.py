@@ -140,8 +140,12 @@ def test_candidate_scores_equal_one_causal_pass_over_prompt_and_candidate(mix_fi
     assert torch.allclose(got, want, atol=1e-4), (got, want)
 
 
-def test_multi_token_cache_and_live_backbone_give_identical_loss_gradients_and_scores(tiny_llama, multi_task, tmp_path):
+@pytest.mark.parametrize("chunk", [32, 5])  # 5: the live backbone runs the batch of 16 in 4 length-sorted chunks
+def test_multi_token_cache_and_live_backbone_give_identical_loss_gradients_and_scores(tiny_llama, multi_task, tmp_path,
+                                                                                      chunk, monkeypatch):
     from pipeline.train_side import BackboneFeed
+
+    monkeypatch.setattr("pipeline.train_side.FEED_CHUNK", chunk)
 
     store = _store(tiny_llama, multi_task, tmp_path, splits=["train"])
     net = _net(tiny_llama, store)

@@ -33,9 +33,11 @@ def side_for(backbone, task, variant="ladder", init="magnitude", layers=None, r=
     return build_side(spec, frozen, init, 0, weights)
 
 
+@pytest.mark.parametrize("chunk", [32, 5])  # 5: the live backbone runs the batch of 16 in 4 length-sorted chunks
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cache_and_live_backbone_give_identical_loss_and_gradients(family, tiny_bert, tiny_t5, tiny_llama,
-                                                                   toy_task, tmp_path):
+def test_cache_and_live_backbone_give_identical_loss_and_gradients(family, chunk, tiny_bert, tiny_t5, tiny_llama,
+                                                                   toy_task, tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.train_side.FEED_CHUNK", chunk)
     backbone = backbone_for(family, tiny_bert, tiny_t5, tiny_llama)
     cfg = CacheConfig(backbone=backbone, task=toy_task, out=str(tmp_path), dtype="fp32", splits=["train"], device="cpu")
     store = LadderStore(cache_activations.run(cfg, log=lambda *a: None)[0])
