@@ -118,6 +118,12 @@ def main():
                      f"2-core CPU; null = not run yet (jobs pending: {len(llm['jobs_pending'])}; bench/results/llm.json).")
     else:
         notes.append("llm_accuracy: bench/results/llm.json not present.")
+    feed = load("inloop_feed.json")
+    s["inloop_backbone_chunked_speedup_cpu"] = feed["chunked_speedup"] if feed else None
+    if feed:
+        notes.append("inloop_backbone_chunked_speedup_cpu: in-loop LST's backbone forward in length-sorted chunks "
+                     f"against one padded forward per batch ({feed['config']['task']}, batches of "
+                     f"{feed['config']['batch']}, {feed['config']['threads']} thread; `{feed['command']}`).")
     s.update(gpu_llm_keys(load("gpu_llm_plan.json"), load("gpu_llm.json")))
     notes.append("llm_gpu_plan_gib: GiB before activations on a GPU per Llama-architecture shape, from shapes alone "
                  "(bench/results/gpu_llm_plan.json); llm_gpu_measured: "
