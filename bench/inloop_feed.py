@@ -1,7 +1,7 @@
 """In-loop LST's backbone feed: one padded forward per batch against length-sorted chunks (train_side.FEED_CHUNK),
 on the real cache of a task, interleaved in one process so the ratio holds on a shared machine.
 
-    python -m bench.inloop_feed --cache /work/llm_work/pang-lee/cache_l10 --backbone smollm2-135m-instruct \
+    python -m bench.inloop_feed --cache <bench.llm work folder>/pang-lee/cache_l10 --backbone smollm2-135m-instruct \
         --task pang-lee --batches 4
 """
 from __future__ import annotations
@@ -41,15 +41,16 @@ def main():
     names = store.names
     rng = np.random.default_rng(0)
     lens = np.diff(store.offsets)
-    times = {"one_padded_forward": [], f"chunks_of_{train_side.FEED_CHUNK}": []}
+    chunk = train_side.FEED_CHUNK
+    times = {"one_padded_forward": [], f"chunks_of_{chunk}": []}
     real = padded = 0
     for _ in range(a.batches):
         idx = np.sort(rng.choice(store.n, a.batch, replace=False))
         ids, mask = pad([store.src_ids[store.offsets[i]:store.offsets[i + 1]].astype(np.int64) for i in idx])
         real += int(lens[idx].sum())
         padded += ids.numel()
-        for key, chunk in ((k, c) for k, c in zip(times, (10**9, train_side.FEED_CHUNK))):
-            train_side.FEED_CHUNK = chunk
+        for key, c in zip(times, (10**9, chunk)):  # 10**9: the whole batch in one padded forward
+            train_side.FEED_CHUNK = c
             t0 = time.perf_counter()
             feed.states(ids, mask, names)
             times[key].append(time.perf_counter() - t0)

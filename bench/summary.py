@@ -458,8 +458,9 @@ def gpu_llm_plan_table(p) -> list[str]:
     (weights and optimizer state; activations come on top and are what bench.gpu_llm measures on CUDA)."""
     out = [f"Decoder-only shapes on a GPU, from shapes alone (GiB of weights and optimizer state, before activations; "
            f"LST from the cache: its side net in fp32 with AdamW, one frozen vocab x hidden table in bf16 (the side "
-           f"net's input embeddings; an untied head adds only its verbalizer rows), one batch of {p['config']['batch']} x {p['config']['seq']} cached "
-           f"bf16 states of the kept layers; r = {p['r']}; `{p['command']}`):", "",
+           f"net's input embeddings; an untied head adds only its verbalizer rows), one batch of "
+           f"{p['config']['batch']} x {p['config']['seq']} cached bf16 states of the kept layers; r = {p['r']}; "
+           f"`{p['command']}`):", "",
            "| shape | backbone params | kept layers | side net trainable (% of backbone) | LoRA trainable (r = 32 on "
            "q, v) | full FT | LoRA, bf16 backbone | QLoRA, 4-bit backbone | LST from the cache: side net + table "
            "+ states | of which the table | stage one: bf16 backbone |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -470,7 +471,7 @@ def gpu_llm_plan_table(p) -> list[str]:
                    f"{r['side_trainable_params'] / 1e6:.1f}M ({100 * r['side_trainable_share']:.2f}%) | "
                    f"{r['lora_trainable_params'] / 1e6:.1f}M | {b['full_ft_bf16_weights_fp32_adam']:.1f} | "
                    f"{b['lora_bf16_backbone']:.1f} | {b['qlora_4bit_backbone']:.1f} | {side:.1f} | "
-                   f"{b.get('embedding_table_bf16', 0):.1f} | {b['stage_one_bf16_backbone']:.1f} |")
+                   f"{b['embedding_table_bf16']:.1f} | {b['stage_one_bf16_backbone']:.1f} |")
     return out + [""]
 
 

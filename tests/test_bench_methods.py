@@ -512,3 +512,27 @@ def test_gpu_llm_summary_shows_oom_rows_and_ratios_only_where_both_methods_ran()
     assert k["llm_gpu_measured"]["llama-70b"]["lst_cache_peak_memory_ratio_vs_lora"] is None
     assert k["llm_gpu_plan_gib"]["llama-70b"]["lst_cache"] == 5.5
     assert gpu_llm_keys(None, None) == {"llm_gpu_plan_gib": None, "llm_gpu_measured": None}
+
+
+def test_inloop_feed_bench_times_both_feeds_on_a_real_store_and_counts_its_padding(tiny_bert, toy_task, tmp_path,
+                                                                                   monkeypatch):
+    """bench.inloop_feed end to end on a small store: both feeds timed, the padded token count at least the real
+    one, and train_side.FEED_CHUNK left as it was."""
+    import json
+    import sys
+
+    from bench import inloop_feed
+    from pipeline import cache_activations, train_side
+    from pipeline.config import CacheConfig
+
+    cache_activations.run(CacheConfig(backbone=tiny_bert, task=toy_task, out=str(tmp_path / "c"), dtype="fp32",
+                                      splits=["train"], device="cpu"), log=lambda *a: None)
+    before = train_side.FEED_CHUNK
+    monkeypatch.setattr(sys, "argv", ["inloop_feed", "--cache", str(tmp_path / "c"), "--backbone", tiny_bert,
+                                      "--task", toy_task, "--batch", "12", "--batches", "2",
+                                      "--out", str(tmp_path / "feed.json")])
+    inloop_feed.main()
+    r = json.loads((tmp_path / "feed.json").read_text())
+    assert set(r["median_s_per_batch"]) == {"one_padded_forward", f"chunks_of_{before}"}
+    assert r["chunked_speedup"] > 0 and r["padded_tokens_per_batch"] >= r["real_tokens_per_batch"] > 0
+    assert train_side.FEED_CHUNK == before
