@@ -527,11 +527,14 @@ def test_inloop_feed_bench_times_both_feeds_on_a_real_store_and_counts_its_paddi
 
     cache_activations.run(CacheConfig(backbone=tiny_bert, task=toy_task, out=str(tmp_path / "c"), dtype="fp32",
                                       splits=["train"], device="cpu"), log=lambda *a: None)
-    before = train_side.FEED_CHUNK
+    before, threads = train_side.FEED_CHUNK, torch.get_num_threads()
+    # --threads as this process has them: main() sets torch's thread count for the whole process, and a later
+    # in-process run compared with a subprocess (test_stage_two's kill -9 resumes) must use the same count
     monkeypatch.setattr(sys, "argv", ["inloop_feed", "--cache", str(tmp_path / "c"), "--backbone", tiny_bert,
-                                      "--task", toy_task, "--batch", "12", "--batches", "2",
-                                      "--out", str(tmp_path / "feed.json")])
+                                      "--task", toy_task, "--batch", "12", "--batches", "2", "--threads",
+                                      str(threads), "--out", str(tmp_path / "feed.json")])
     inloop_feed.main()
+    assert torch.get_num_threads() == threads
     r = json.loads((tmp_path / "feed.json").read_text())
     assert set(r["median_s_per_batch"]) == {"one_padded_forward", f"chunks_of_{before}"}
     assert r["chunked_speedup"] > 0 and r["padded_tokens_per_batch"] >= r["real_tokens_per_batch"] > 0
