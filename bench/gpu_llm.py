@@ -175,27 +175,23 @@ def main():
     ap.add_argument("--out", default="bench/results/gpu_llm.json")
     ap.add_argument("--plan-out", default="bench/results/gpu_llm_plan.json", help="where --plan writes its JSON")
     a = ap.parse_args()
-    if a.plan:
-        import transformers
-
-        plans = [plan(name, a.batch, a.seq) for name in a.models.split(",")]
-        for p in plans:
-            print(json.dumps(p))
-        Path(a.plan_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.plan_out).write_text(json.dumps({
-            "command": " ".join(["python -m bench.gpu_llm"] + sys.argv[1:]), "r": R,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "config": {"batch": a.batch, "seq": a.seq}, "plans": plans}, indent=1))
-        return
-    if not torch.cuda.is_available():
+    if not a.plan and not torch.cuda.is_available():
         sys.exit("error: bench.gpu_llm measures GPU memory and needs a CUDA device; use --plan on this machine")
     import transformers
 
+    head = {"command": " ".join(["python -m bench.gpu_llm"] + sys.argv[1:]),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    plans = [plan(name, a.batch, a.seq) for name in a.models.split(",")]
+    if a.plan:
+        for p in plans:
+            print(json.dumps(p))
+        Path(a.plan_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.plan_out).write_text(json.dumps({**head, "r": R, "config": {"batch": a.batch, "seq": a.seq},
+                                                "plans": plans}, indent=1))
+        return
     from bench.machine import describe
 
-    res = {"command": " ".join(["python -m bench.gpu_llm"] + sys.argv[1:]), **describe(torch.device("cuda")),
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-           "config": vars(a), "results": [], "plans": [plan(n, a.batch, a.seq) for n in a.models.split(",")]}
+    res = {**head, **describe(torch.device("cuda")), "config": vars(a), "results": [], "plans": plans}
     for name in a.models.split(","):
         for method in a.methods.split(","):
             gc.collect()

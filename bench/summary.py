@@ -453,6 +453,11 @@ def llm_variant_table(d) -> list[str]:
 LLM_GPU_ORDER = ["full_ft", "lora", "lst_inloop", "lst_cache", "stage_one_forward"]
 
 
+def _lst_cache_gib(b: dict) -> float:
+    """A plan's GiB for LST from the cache: side net with AdamW and the table, plus one batch of states."""
+    return b["lst_cache_side_fp32_adam_plus_bf16_table"] + b["lst_cache_one_batch_of_states_bf16"]
+
+
 def gpu_llm_plan_table(p) -> list[str]:
     """bench/gpu_llm.py --plan: what each method must hold on a GPU for Llama-architecture shapes, from shapes alone
     (weights and optimizer state; activations come on top and are what bench.gpu_llm measures on CUDA)."""
@@ -466,11 +471,10 @@ def gpu_llm_plan_table(p) -> list[str]:
            "+ states | of which the table | stage one: bf16 backbone |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in p["plans"]:
         b = r["bytes_gib"]
-        side = b["lst_cache_side_fp32_adam_plus_bf16_table"] + b["lst_cache_one_batch_of_states_bf16"]
         out.append(f"| {r['model']} | {r['backbone_params'] / 1e9:.2f}B | {len(r['kept_layers'])} | "
                    f"{r['side_trainable_params'] / 1e6:.1f}M ({100 * r['side_trainable_share']:.2f}%) | "
                    f"{r['lora_trainable_params'] / 1e6:.1f}M | {b['full_ft_bf16_weights_fp32_adam']:.1f} | "
-                   f"{b['lora_bf16_backbone']:.1f} | {b['qlora_4bit_backbone']:.1f} | {side:.1f} | "
+                   f"{b['lora_bf16_backbone']:.1f} | {b['qlora_4bit_backbone']:.1f} | {_lst_cache_gib(b):.1f} | "
                    f"{b['embedding_table_bf16']:.1f} | {b['stage_one_bf16_backbone']:.1f} |")
     return out + [""]
 
@@ -501,8 +505,7 @@ def gpu_llm_keys(plan, measured) -> dict:
     out = {"llm_gpu_plan_gib": None, "llm_gpu_measured": None}
     if plan:
         out["llm_gpu_plan_gib"] = {r["model"]: {
-            "lst_cache": r["bytes_gib"]["lst_cache_side_fp32_adam_plus_bf16_table"]
-            + r["bytes_gib"]["lst_cache_one_batch_of_states_bf16"],
+            "lst_cache": _lst_cache_gib(r["bytes_gib"]),
             "qlora_4bit": r["bytes_gib"]["qlora_4bit_backbone"], "lora_bf16": r["bytes_gib"]["lora_bf16_backbone"],
             "full_ft": r["bytes_gib"]["full_ft_bf16_weights_fp32_adam"]} for r in plan["plans"]}
     if measured:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -116,11 +115,10 @@ class BackboneFeed:
                     C = v.shape[0] // len(idx)
                     rows = (idx[:, None] * C + torch.arange(C, device=idx.device)).reshape(-1)
                     full = out.setdefault(n, v.new_zeros(len(order) * C, *v.shape[1:]))
-                else:
-                    rows = idx
+                    full[rows.to(v.device)] = v
+                else:  # positions past the chunk's longest example stay zero
                     full = out.setdefault(n, v.new_zeros(len(order), ids.shape[1], v.shape[-1]))
-                    v = F.pad(v, (0, 0, 0, ids.shape[1] - T))
-                full[rows.to(v.device)] = v
+                    full[idx.to(v.device), :T] = v
         return out
 
 
