@@ -492,17 +492,11 @@ def memory_one(work: Path, task: str, method: str, steps: int = 3) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-4)
         gold = [int(store.fingerprint_target(v)) for v in y.tolist()]
         trainable = sum(p.numel() for p in params)
-        reset = _reset_peak()
-        after_setup = psutil.Process().memory_info().rss / 2**20
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            for mi in range(0, B, micro):
-                ll, _ = decoder_candidate_loglik(model, ids[mi:mi + micro], mask[mi:mi + micro], store.cand,
-                                                 list(enumerate(gold[mi:mi + micro])))
-                (-ll.sum() / B).backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+
+        def micro_loss(mi):
+            ll, _ = decoder_candidate_loglik(model, ids[mi:mi + micro], mask[mi:mi + micro], store.cand,
+                                             list(enumerate(gold[mi:mi + micro])))
+            return -ll.sum() / B
     else:
         from pipeline.batches import RowSet
         from pipeline.config import TrainConfig
@@ -518,18 +512,21 @@ def memory_one(work: Path, task: str, method: str, steps: int = 3) -> dict:
         trainable = net.trainable_parameters()
         group = s.train.load_group(0, B, s.names if s.feed is None else [])
         rowset = RowSet.of_examples(s.train, group, 0, idx, "cpu")  # the batch's cached states, all resident
-        reset = _reset_peak()
-        after_setup = psutil.Process().memory_info().rss / 2**20
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            for mi in range(0, B, micro):
-                sel = np.arange(mi, min(mi + micro, B))
-                part = rowset.batch(sel)
-                b = s.feed(part, s.names, train=True) if s.feed is not None else part
-                (net(b).loss * len(sel) / B).backward()  # the mean over the whole batch, as one step of B
-            opt.step()
-            times.append(time.perf_counter() - t0)
+
+        def micro_loss(mi):
+            sel = np.arange(mi, min(mi + micro, B))
+            part = rowset.batch(sel)
+            b = s.feed(part, s.names, train=True) if s.feed is not None else part
+            return net(b).loss * len(sel) / B  # the mean over the whole batch, as one step of B
+    reset = _reset_peak()
+    after_setup = psutil.Process().memory_info().rss / 2**20
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for mi in range(0, B, micro):
+            micro_loss(mi).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
     train_peak = _vm_hwm_mb() if reset else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     step = statistics.median(times)
