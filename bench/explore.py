@@ -29,7 +29,7 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     "lst_mix_final": dict(mix_final=True),  # QST: gated mix of up(side) with the backbone's final state
     "lst_epochs20": dict(epochs=20),
     "lst_no_dropout": DROPOUT_OFF,
-    "lst_r4": dict(r=4),  # 4x the side width: over the 2% parameter budget on MiniLM
+    "lst_r4": dict(r=4),  # 2x the side width (d_model // r), 3.0x the parameters: over the 2% budget on MiniLM
     "lst_r4_mix_final": dict(r=4, mix_final=True),
     "lst_r16": dict(r=16),
     # item 5: the official code runs the frozen backbone in train mode, so its ladders see dropout; a cache cannot.
