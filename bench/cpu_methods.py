@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import gpu_t5  # noqa: E402
 from bench.baselines import ENCODER_METHODS, T5_METHODS, build_encoder, loss_encoder  # noqa: E402
-from bench.machine import describe  # noqa: E402
+from bench.machine import describe, record_row  # noqa: E402
 
 LST = ("lst_inloop", "lst_cache_fp16", "lst_cache_int8", "lst_cache_bitround", "lst_cache_selective",
        "stage_one_forward")
@@ -139,10 +139,7 @@ def main():
                 row = {"model": model, "method": method, "error": p.stderr.strip().splitlines()[-1]}
             else:
                 row = json.loads(p.stdout.strip().splitlines()[-1])
-            res["results"].append(row)
-            print(json.dumps(row), flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=2))
+            record_row(res, row, a.out)
 
 
 if __name__ == "__main__":

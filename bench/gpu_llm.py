@@ -189,7 +189,7 @@ def main():
         Path(a.plan_out).write_text(json.dumps({**head, "r": R, "config": {"batch": a.batch, "seq": a.seq},
                                                 "plans": plans}, indent=1))
         return
-    from bench.machine import describe
+    from bench.machine import describe, record_row
 
     res = {**head, **describe(torch.device("cuda")), "config": vars(a), "results": [], "plans": plans}
     for name in a.models.split(","):
@@ -203,10 +203,7 @@ def main():
                 row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
             except torch.OutOfMemoryError:
                 row.update({"oom": True, "peak_memory_gb": None})
-            res["results"].append(row)
-            print(json.dumps(row), flush=True)
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=2))
+            record_row(res, row, a.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.baselines import PROMPT_TOKENS, SELECTIVE_K, T5_METHODS, build_t5, loss_t5  # noqa: E402
+from bench.machine import record_row  # noqa: E402
 from pipeline.batches import LadderBatch
 from pipeline.side import SideNetwork
 from pipeline.side_spec import spec_from_config  # noqa: E402
@@ -236,10 +237,8 @@ def main():
                 gc.collect()
                 torch.cuda.empty_cache()
                 key = (name, dt, method)
-                res["results"] = [r for r in res["results"] if (r["model"], r["dtype"], r["method"]) != key] + [row]
-                print(json.dumps(row), flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(res, indent=2))
+                res["results"] = [r for r in res["results"] if (r["model"], r["dtype"], r["method"]) != key]
+                record_row(res, row, out)
 
 
 if __name__ == "__main__":

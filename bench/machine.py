@@ -24,3 +24,18 @@ def describe(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": name, "machine": platform.node(), "cpu_count": os.cpu_count(),
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}}
+
+
+def record_row(res: dict, row: dict, out: str | Path) -> None:
+    """Append one measured row to res["results"], echo it, and rewrite the results file whole. A suite runs for
+    an hour or more, so every row is saved as it lands, through a temporary file and a rename: a crash mid-write
+    keeps the last complete file."""
+    import json
+
+    res["results"].append(row)
+    print(json.dumps(row), flush=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, out)
