@@ -28,14 +28,14 @@ def describe(device: torch.device) -> dict:
 
 def record_row(res: dict, row: dict, out: str | Path) -> None:
     """Append one measured row to res["results"], echo it, and rewrite the results file whole. A suite runs for
-    an hour or more, so every row is saved as it lands, through a temporary file and a rename: a crash mid-write
-    keeps the last complete file."""
+    an hour or more, so every row is saved as it lands, through durable.atomic_path: a crash mid-write keeps the
+    last complete file."""
     import json
+
+    from pipeline.durable import atomic_path
 
     res["results"].append(row)
     print(json.dumps(row), flush=True)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(res, indent=2))
