@@ -225,15 +225,15 @@ def run_job(job: dict) -> dict:
 
 def save_result(job: dict, res: dict, wall_s: float) -> dict:
     """Write a finished job's result file (atomically: a rerun skips the job only if it is whole)."""
-    from bench.machine import describe
+    from bench.machine import describe, git_commit
+    from pipeline.durable import atomic_path
 
     path = Path(job["result"])
-    res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s)
+    res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s, commit=git_commit())
     res.setdefault("device", describe(_device(job["device"]))["device"])  # a table may mix runs from several machines
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(res, indent=1))
     print(f"{job['task']} {job['method']} seed={job['seed']} lr={job['lr']:g}: "
           f"val {res['val'].get(_headline(job['task']))} test {res['test'].get(_headline(job['task']))} "
           f"({res['wall_s']:.0f} s)", flush=True)

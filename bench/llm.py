@@ -587,15 +587,13 @@ def _usable(work: Path, results: Path, job: Job) -> bool:
 def run_one(work: Path, name: str, data_dir: str, results: Path = RESULTS) -> None:
     import torch
 
-    from bench.machine import describe
+    from bench.machine import describe, git_commit
 
     torch.set_num_threads(THREADS)
     job = next(j for j in plan(results) if j.name == name)
     t0 = time.perf_counter()
     res = job.fn(work, data_dir=data_dir, **job.kw)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    res.update(job=name, wall_s=time.perf_counter() - t0, commit=commit, **describe(torch.device("cpu")),
+    res.update(job=name, wall_s=time.perf_counter() - t0, commit=git_commit(), **describe(torch.device("cpu")),
                torch_threads=torch.get_num_threads(),
                command=f"python -m bench.llm --work {work} (job {name})")
     path = results / f"{name}.json"

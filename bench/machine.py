@@ -26,6 +26,20 @@ def describe(device: torch.device) -> dict:
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}}
 
 
+def git_commit(root: str | Path | None = None) -> str:
+    """The commit a result was measured at, "+changes" when tracked code differs from it (result files written
+    since do not count). A job record must name the code that made it: rt-sentiment's LST seeds 1-2 were once
+    paired with runs of a later commit, which draws the ladders, gates and head from the training seed (e4a9b5d),
+    and no record said so."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    code_changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/results"], cwd=root,
+                                  capture_output=True).returncode == 1
+    return (head or "unknown") + ("+changes" if code_changed else "")
+
+
 def record_row(res: dict, row: dict, out: str | Path) -> None:
     """Append one measured row to res["results"], echo it, and rewrite the results file whole. A suite runs for
     an hour or more, so every row is saved as it lands, through durable.atomic_path: a crash mid-write keeps the

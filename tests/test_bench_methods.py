@@ -539,3 +539,35 @@ def test_inloop_feed_bench_times_both_feeds_on_a_real_store_and_counts_its_paddi
     assert set(r["median_s_per_batch"]) == {"one_padded_forward", f"chunks_of_{before}"}
     assert r["chunked_speedup"] > 0 and r["padded_tokens_per_batch"] >= r["real_tokens_per_batch"] > 0
     assert train_side.FEED_CHUNK == before
+
+
+def test_job_records_name_their_commit_and_mark_changed_code_but_not_new_results(tmp_path):
+    import json
+    import subprocess
+
+    from bench import accuracy as A
+    from bench.machine import git_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "table.json").write_text("{}")
+    git("add", "-A")
+    git("commit", "-q", "-m", "c")
+    head = git("rev-parse", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "bench" / "results" / "table.json").write_text('{"new": 1}')  # a result landing is not a code change
+    assert git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+changes"
+
+    job = {"task": "rt-sentiment", "method": "lst_cache", "seed": 1, "lr": 1e-3, "epochs": 10, "device": "cpu",
+           "result": str(tmp_path / "jobs" / "rt-sentiment" / "lst_cache_s1_lr0.001.json")}
+    A.save_result(job, {"val": {"accuracy": 0.8}, "test": {"accuracy": 0.79}}, wall_s=1.0)
+    rec = json.loads(open(job["result"]).read())
+    assert rec["commit"].split("+")[0] == git_commit().split("+")[0] != head
+    assert not list((tmp_path / "jobs" / "rt-sentiment").glob("*.tmp"))
