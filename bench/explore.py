@@ -40,7 +40,7 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     # the backbone's dropout reaches a ladder through every layer below it (MiniLM: 6 x 0.1 on the hidden states,
     # plus attention dropout), so one 0.1 mask on the cached state understates it; 0.3 is the stronger stand-in
     "lst_ladder_dropout03": dict(ladder_dropout=0.3),
-    # LST's best epoch comes early (5-8 of 10 on rt-sentiment, 5-6 on rt-rating at lr 1e-3, accuracy_jobs): the side net
+    # LST's best epoch comes early (4-5 of 10 on rt-sentiment, 5-6 on rt-rating at lr 1e-3, accuracy_jobs): the side net
     # overfits, so regularize the side net itself: 0.2 at every official site instead of 0.1
     "lst_dropout02": {site: 0.2 for site in DROPOUT_SITES},
     # ...or the real thing from the cache: K stored train-mode passes of the backbone, epoch e reading pass e mod K.
