@@ -230,7 +230,11 @@ def save_result(job: dict, res: dict, wall_s: float) -> dict:
 
     path = Path(job["result"])
     res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s, commit=git_commit())
-    res.setdefault("device", describe(_device(job["device"]))["device"])  # a table may mix runs from several machines
+    import torch
+
+    where = describe(_device(job["device"]))
+    res.setdefault("device", where["device"])  # a table may mix runs from several machines
+    res.update(versions=where["versions"], torch_threads=torch.get_num_threads())
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(res, indent=1))

@@ -570,4 +570,5 @@ def test_job_records_name_their_commit_and_mark_changed_code_but_not_new_results
     A.save_result(job, {"val": {"accuracy": 0.8}, "test": {"accuracy": 0.79}}, wall_s=1.0)
     rec = json.loads(open(job["result"]).read())
     assert rec["commit"].split("+")[0] == git_commit().split("+")[0] != head
+    assert rec["versions"]["torch"] == torch.__version__ and rec["torch_threads"] == torch.get_num_threads()
     assert not list((tmp_path / "jobs" / "rt-sentiment").glob("*.tmp"))
