@@ -225,13 +225,13 @@ def run_job(job: dict) -> dict:
 
 def save_result(job: dict, res: dict, wall_s: float) -> dict:
     """Write a finished job's result file (atomically: a rerun skips the job only if it is whole)."""
+    import torch
+
     from bench.machine import describe, git_commit
     from pipeline.durable import atomic_path
 
     path = Path(job["result"])
     res.update({k: job[k] for k in ("task", "method", "seed", "lr", "epochs")}, wall_s=wall_s, commit=git_commit())
-    import torch
-
     where = describe(_device(job["device"]))
     res.setdefault("device", where["device"])  # a table may mix runs from several machines
     res.update(versions=where["versions"], torch_threads=torch.get_num_threads())

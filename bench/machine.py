@@ -34,10 +34,13 @@ def git_commit(root: str | Path | None = None) -> str:
     import subprocess
 
     root = root or Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-    code_changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/results"], cwd=root,
-                                  capture_output=True).returncode == 1
-    return (head or "unknown") + ("+changes" if code_changed else "")
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+        code_changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/results"], cwd=root,
+                                      capture_output=True).returncode == 1
+    except OSError:  # no git on this machine: the record still saves
+        return "unknown"
+    return (head or "unknown") + ("+changes" if head and code_changed else "")
 
 
 def record_row(res: dict, row: dict, out: str | Path) -> None:
