@@ -335,6 +335,7 @@ def finetune(work, task, seed, method, data_dir):
     from safetensors.torch import load_file, save_file
 
     from bench.baselines import build_decoder, decoder_candidate_loglik
+    from pipeline.durable import atomic_path
     from pipeline.ladder_store import LadderStore
     from pipeline.train_side import lr_lambda
 
@@ -416,10 +417,10 @@ def finetune(work, task, seed, method, data_dir):
                 t.update({f"step/{n}": torch.as_tensor(st["step"]).clone(), f"m/{n}": st["exp_avg"].contiguous(),
                           f"v/{n}": st["exp_avg_sq"].contiguous()})
         t["rng"] = torch.get_rng_state()
-        save_file(t, str(ck / "tensors.safetensors.tmp"))
-        os.replace(ck / "tensors.safetensors.tmp", ck / "tensors.safetensors")
-        (ck / "state.json.tmp").write_text(json.dumps(state))
-        os.replace(ck / "state.json.tmp", ck / "state.json")
+        with atomic_path(ck / "tensors.safetensors") as tmp:
+            save_file(t, str(tmp))
+        with atomic_path(ck / "state.json") as tmp:
+            tmp.write_text(json.dumps(state))
     res = dict(state["best"], method=method, seed=seed, lr=lr, epochs=epochs, step_batch=step_batch, micro_batch=MICRO,
                trainable_params=sum(p.numel() for p in params), train_tokens_per_s=state["tokens"] / state["train_time"],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -588,6 +589,7 @@ def run_one(work: Path, name: str, data_dir: str, results: Path = RESULTS) -> No
     import torch
 
     from bench.machine import describe, git_commit
+    from pipeline.durable import atomic_path
 
     torch.set_num_threads(THREADS)
     job = next(j for j in plan(results) if j.name == name)
@@ -598,8 +600,8 @@ def run_one(work: Path, name: str, data_dir: str, results: Path = RESULTS) -> No
                command=f"python -m bench.llm --work {work} (job {name})")
     path = results / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(res, indent=1, default=str))
-    os.replace(path.with_suffix(".tmp"), path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(res, indent=1, default=str))
 
 
 def _to_run(work: Path, results: Path, skip: tuple[str, ...] = ()) -> list[Job]:
