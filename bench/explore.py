@@ -48,6 +48,10 @@ EXPLORE = {  # method -> TrainConfig fields that differ from LST (bench.accuracy
     # the same store's first two passes
     "lst_dropout_passes": dict(dropout_passes=10),
     "lst_dropout_passes2": dict(dropout_passes=2),
+    # LST itself, re-run on this CPU at the current code: the paired base for the CPU variants above on the tasks
+    # whose lst_cache rows ran on the H100 before e4a9b5d, where seeds 1-2 took seed 0's ladders, gates,
+    # up-projection and head from its side init (the code since draws them from the training seed)
+    "lst_cache_cpu": {},
 }
 LRS = [3e-4, 1e-3, 3e-3]
 BACKBONE_PARAMS = 22_713_216  # all-MiniLM-L6-v2 (BertModel incl. pooler), counted from its safetensors
