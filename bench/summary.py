@@ -347,14 +347,19 @@ def explore_table(d) -> list[str]:
     out = []
     for task, t in d["tasks"].items():
         lrs = ", ".join(f"{x:g}" for x in t["lrs"])
+        # variants pair with LST run where they ran: lst_cache_cpu where the task's lst_cache ran elsewhere
+        rows = {r["method"]: r for r in t["rows"]}
+        base_name = "lst_cache_cpu" if "lst_cache_cpu" in rows else "lst_cache"
+        base = rows.get(base_name)
+        why = (" (LST from the cache re-run on this CPU at the current code: the CPU variants' base; the lst_cache "
+               "row ran on the H100 with seeds 1-2 on seed 0's side init)") if base_name == "lst_cache_cpu" else ""
         out += [f"What closes the gap on {task} ({t['headline_metric']}, mean ± std over the seeds each variant has "
                 f"run, each seed at its best lr on validation of {lrs}; tokens/s and peak memory are each row's own "
                 f"run, on the device it names, CPU runs shared with other jobs: not comparable across rows; "
-                f"`{t['run']['command']}`):", "",
-                "| variant | lr | val | test | test − lst_cache, paired by seed (pt) | trainable (% of backbone) "
+                f"paired with {base_name}{why}; `{t['run']['command']}`):", "",
+                f"| variant | lr | val | test | test − {base_name}, paired by seed (pt) | trainable (% of backbone) "
                 "| stage-two peak (MB) | train tokens/s | ran on |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        base = next((r for r in t["rows"] if r["method"] == "lst_cache"), None)
         for r in t["rows"]:
             n = len(r.get("seeds", [0]))  # rows written before --seeds had one seed
             out.append(f"| {r['method']} | {r['best_lr']:g} | {_seeds_cell(r['val'], r.get('val_std'), n)} | "

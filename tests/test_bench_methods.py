@@ -374,7 +374,8 @@ def test_explore_collect_command_builds_no_store_and_keeps_other_tasks(tmp_path,
 
 
 def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have():
-    """bench.summary: the paired column subtracts lst_cache's test score seed by seed, only over common seeds."""
+    """bench.summary: the paired column subtracts lst_cache's test score seed by seed, only over common seeds; where
+    the task has an lst_cache_cpu row (LST re-run where the variants ran), it is the base instead."""
     from bench.summary import explore_table
 
     def row(method, by_seed):
@@ -390,6 +391,14 @@ def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have(
     lines = [x for x in explore_table(d) if x.startswith("| lst_")]
     assert "| +0.00 (+1.0, -1.0) |" in lines[1]  # seed 1 has no pair: left out, not compared with 83.0
     assert "2 seeds" in lines[1] and "3 seeds" in lines[0]
+
+    # a task whose lst_cache ran elsewhere pairs its variants with lst_cache_cpu, and says so in the header
+    d["tasks"]["rt-sentiment"]["rows"].append(row("lst_cache_cpu", {"0": 82.0, "1": 82.0, "2": 82.5}))
+    table = explore_table(d)
+    lines = [x for x in table if x.startswith("| lst_")]
+    assert "| +0.83 (+0.0, +1.0, +1.5) |" in lines[0]  # lst_cache itself against the re-run
+    assert "| +0.75 (+1.0, +0.5) |" in lines[1]
+    assert any("test − lst_cache_cpu, paired by seed" in x for x in table)
 
 
 def test_llm_plan_limited_to_some_tasks_leaves_out_the_other_tasks_variants(tmp_path, monkeypatch):
