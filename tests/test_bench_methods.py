@@ -373,7 +373,7 @@ def test_explore_collect_command_builds_no_store_and_keeps_other_tasks(tmp_path,
     assert not work.exists()
 
 
-def test_explore_table_pairs_each_variant_with_lst_cache_on_the_seeds_both_have():
+def test_explore_table_pairs_each_variant_with_lst_cache_or_its_cpu_rerun_on_the_seeds_both_have():
     """bench.summary: the paired column subtracts lst_cache's test score seed by seed, only over common seeds; where
     the task has an lst_cache_cpu row (LST re-run where the variants ran), it is the base instead."""
     from bench.summary import explore_table
